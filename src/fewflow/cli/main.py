@@ -1,0 +1,451 @@
+"""``fewflow`` command line: train, sample, evaluate, fetch data, and run the demo.
+
+Every command prints ``--help`` with examples. Errors in the user's input (bad options, an unknown
+data set, a missing or corrupt checkpoint, a config for another model) print ONE line
+``error: ...`` on stderr and exit with code 2; ``fewflow --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fewflow._validate import FewflowError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+# --------------------------------------------------------------------------- error handling
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if not text and isinstance(e, KeyError) and e.args:
+        text = repr(e.args[0])
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is wrong" rather than "fewflow has a bug"."""
+    errs: list[type[BaseException]] = [FewflowError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                       PermissionError]
+    try:
+        from safetensors import SafetensorError
+
+        errs.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import yaml
+
+        errs.append(yaml.YAMLError)
+    except ImportError:  # pragma: no cover
+        pass
+    errs.append(json.JSONDecodeError)
+    return tuple(errs)
+
+
+class FewflowGroup(click.Group):
+    """A click group whose ``main`` turns every error into one ``error: ...`` line and an exit code."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv[: _first_command_index(argv, self)] or os.environ.get("FEWFLOW_DEBUG") == "1"
+        try:
+            return super().main(args=argv, prog_name=prog_name or "fewflow", complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:  # UsageError, BadParameter, NoSuchOption ...
+            if debug:
+                raise
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except _user_errors() as e:
+            if debug:
+                raise
+            click.echo(f"error: {_first_line(e)}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except Exception as e:  # a bug: say so in one line, the traceback is one flag away
+            if debug:
+                raise
+            click.echo(
+                f"error: internal error ({type(e).__name__}: {_first_line(e)}); "
+                "rerun with `fewflow --debug ...` for the traceback",
+                err=True,
+            )
+            sys.exit(EXIT_INTERNAL_ERROR)
+
+
+def _first_command_index(argv: list[str], group: click.Group) -> int:
+    for i, a in enumerate(argv):
+        if a in group.commands:
+            return i
+    return len(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as YAML (numbers, true/false, null, lists), falling back to the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _parse_sets(items: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def _parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=what) from None
+    if not vals or any(v < 1 for v in vals):
+        raise click.BadParameter(f"expected positive integers, got {text!r}", param_hint=what)
+    return vals
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+# --------------------------------------------------------------------------- the group
+
+
+@click.group(cls=FewflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="fewflow", prog_name="fewflow")
+def cli(debug: bool) -> None:
+    """fewflow: flow-matching generative models -- train, sample fast, measure.
+
+    \b
+    Examples:
+      fewflow demo --out demo_out                 # 2-3 minute tour on CPU
+      fewflow train --data checkerboard --steps 3000 --out runs/cb
+      fewflow sample runs/cb --nfe 8 --solver heun --n 2000 --out s.png
+      fewflow eval runs/cb --nfe 1,2,4,8,100 --json
+      fewflow fetch mnist
+
+    Time runs from t = 0 (noise) to t = 1 (data). Run `fewflow COMMAND --help` for details.
+    """
+
+
+# --------------------------------------------------------------------------- train
+
+
+@cli.command("train")
+@click.option("--data", "data", default=None, help="Data set: 8gaussians, moons, checkerboard, spirals, rings, gmm, "
+              "digits, mnist.  [default: checkerboard, or the config's]")
+@click.option("--method", default=None, help="Training method (registered in fewflow.run).  [default: cfm]")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A JSON or YAML run config (as written to RUN/config.json); flags override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps in total.")
+@click.option("--batch-size", type=int, default=None, help="Batch size.")
+@click.option("--lr", type=float, default=None, help="Learning rate.")
+@click.option("--coupling", default=None, help="independent | ot | sinkhorn | wcfm | sb | class_ot.")
+@click.option("--schedule", default=None, help="Path schedule: linear | cosine | vp | polynomial.")
+@click.option("--time-sampler", default=None, help="uniform | logit_normal | shifted.")
+@click.option("--source", default=None, help="gaussian | norm_aligned.")
+@click.option("--model", "model_kind", default=None, help="Network: mlp | unet | dit.")
+@click.option("--conditional/--unconditional", default=None, help="Class-conditional training (labels y).")
+@click.option("--label-dropout", type=float, default=None, help="Drop labels with this probability (for CFG).")
+@click.option("--n", "n_data", type=int, default=None, help="Number of training samples to load/draw.")
+@click.option("--seed", type=int, default=None, help="Seed for data order, init and the objective.")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:1 ...")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Set any config entry by dotted key, e.g. --set model.hidden=128 --set train.ema_decay=0.99.")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is).")
+@click.option("--no-progress", is_flag=True, help="No tqdm bar.")
+@click.option("--force", is_flag=True, help="Start afresh even if --out already holds a run.")
+def train_cmd(data, method, out, config_file, resume, steps, batch_size, lr, coupling, schedule, time_sampler,
+              source, model_kind, conditional, label_dropout, n_data, seed, device, sets, threads,
+              no_progress, force) -> None:
+    """Train a model and write a run folder: config.json, checkpoints, log.csv, samples.png.
+
+    \b
+    Examples:
+      fewflow train --data checkerboard --steps 3000 --out runs/cb
+      fewflow train --data moons --coupling ot --schedule linear --out runs/moons-ot
+      fewflow train --data digits --conditional --label-dropout 0.1 --out runs/digits
+      fewflow train --config my_run.yaml --out runs/x --set train.lr=3e-4
+      fewflow train --out runs/cb --resume --steps 6000     # continue to 6000 steps
+
+    Precedence: data-set defaults < --config file < flags. With --resume the run's own
+    config.json is used and only --steps / --device / --no-progress may change.
+    """
+    from fewflow.run import RunConfig, default_config, read_config, read_run_folder, train_run
+
+    _threads(threads)
+    out_dir = Path(out)
+    flags: dict[str, Any] = {
+        "objective.method": method,
+        "objective.coupling": coupling,
+        "objective.schedule": schedule,
+        "objective.time_sampler": time_sampler,
+        "objective.source": source,
+        "objective.conditional": conditional,
+        "objective.label_dropout": label_dropout,
+        "model.kind": model_kind,
+        "data.n": n_data,
+        "seed": seed,
+        "train.steps": steps,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "train.device": device,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    flags.update(_parse_sets(sets))
+    if no_progress:
+        flags["train.progress"] = False
+    if seed is not None:
+        flags["train.seed"] = seed
+
+    if resume:
+        cfg = read_run_folder(out_dir)
+        allowed = {"train.steps", "train.device", "train.progress"}
+        changed = sorted(set(flags) - allowed)
+        if changed or data or config_file:
+            extra = changed + (["--data"] if data else []) + (["--config"] if config_file else [])
+            raise FewflowError(f"--resume continues {out_dir} with its own config; cannot change {', '.join(extra)}")
+        cfg = cfg.replace(flags)
+    else:
+        if (out_dir / "config.json").exists() and not force:
+            raise FewflowError(f"{out_dir} already holds a run; use --resume to continue it or --force to overwrite")
+        if config_file:
+            raw = read_config(config_file)
+            raw = raw.get("run_config", raw)  # accept a run folder's config.json as well
+            if data:
+                raw.setdefault("data", {})["name"] = data
+            base = default_config((raw.get("data") or {}).get("name", "checkerboard"))
+            merged = base.to_dict()
+            _deep_update(merged, raw)
+            cfg = RunConfig.from_dict(merged)
+        else:
+            cfg = default_config(data or "checkerboard")
+        if "model.kind" in flags and flags["model.kind"] != cfg.model.kind:
+            cfg = cfg.replace({"model": {"kind": flags.pop("model.kind")}})
+        cfg = cfg.replace(flags)
+        if force and out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+    _say(f"training {cfg.objective.method} on {cfg.data.name} -> {out_dir}")
+    result = train_run(cfg, out_dir, resume=resume)
+    _say(f"done: step {result.step}, last loss {result.last_loss:.4g} ({result.stopped_reason})")
+    click.echo(str(out_dir))
+
+
+def _deep_update(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "model":
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+# --------------------------------------------------------------------------- sample
+
+
+@cli.command("sample")
+@click.argument("run_dir", type=click.Path())
+@click.option("--nfe", type=int, default=None, help="Model evaluations (Euler: steps; Heun/midpoint: 2 per step).")
+@click.option("--solver", default=None, help="euler | midpoint | heun | rk4.  [default: the run's]")
+@click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True,
+              help="Output file: .npy, .pt, or .png (scatter for 2-D, image grid otherwise).")
+@click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm.")
+@click.option("--shift", type=float, default=None, help="Shift factor for --schedule shift (default 3).")
+@click.option("--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale (1 = off).")
+@click.option("--label", type=int, default=None, help="Class label for a conditional run (default: random).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the source noise.")
+@click.option("--which", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+              help="EMA or raw weights.")
+@click.option("--device", default="cpu", show_default=True, help="Device to sample on.")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
+def sample_cmd(run_dir, nfe, solver, n, out, grid, shift, cfg_scale, label, seed, which, device, threads) -> None:
+    """Draw samples from a trained run.
+
+    \b
+    Examples:
+      fewflow sample runs/cb --nfe 8 --solver heun --n 2000 --out s.npy
+      fewflow sample runs/cb --nfe 4 --schedule shift --shift 3 --out s.png
+      fewflow sample runs/digits --nfe 16 --cfg 2.0 --label 3 --out threes.png
+    """
+    import torch
+
+    from fewflow.run import generate, load_run
+
+    _threads(threads)
+    out_path = Path(out)
+    suffix = out_path.suffix.lower()
+    if suffix not in (".npy", ".pt", ".png"):
+        raise click.BadParameter(f"output must end in .npy, .pt or .png, got {out!r}", param_hint="--out")
+    if n < 1:
+        raise click.BadParameter(f"must be positive, got {n}", param_hint="--n")
+    model, cfg = load_run(run_dir, which=which, device=device)
+    gkw = dict(cfg.sampler.grid_kwargs)
+    if shift is not None:
+        gkw["shift"] = shift
+    gen = torch.Generator(device=device).manual_seed(seed)
+    res = generate(model, cfg, n, nfe=nfe, stepper=solver, grid=grid, grid_kwargs=gkw, cfg_scale=cfg_scale,
+                   label=label, generator=gen)
+    x = res.x.detach().cpu()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npy":
+        import numpy as np
+
+        np.save(out_path, x.numpy())
+    elif suffix == ".pt":
+        torch.save(x, out_path)
+    else:
+        from fewflow.plotting import plot_samples
+
+        vr = cfg.meta.get("value_range")
+        plot_samples(x, out_path, value_range=tuple(vr) if vr and len(cfg.meta.get("shape", [])) == 3 else None,
+                     title=f"{cfg.data.name}: NFE {res.nfe}")
+    _say(f"{n} samples, NFE {res.nfe} -> {out_path}")
+    click.echo(str(out_path))
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path())
+@click.option("--nfe", "nfe", default="1,2,4,8,100", show_default=True, help="Comma-separated NFE budgets.")
+@click.option("--solver", default=None, help="Comma-separated steppers, e.g. euler,heun.  [default: the run's]")
+@click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm.")
+@click.option("--n", "n", type=int, default=None, help="Samples per evaluation (default: 2-D 10000, images 2000).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the source noise and projections.")
+@click.option("--which", type=click.Choice(["ema", "model"]), default="ema", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print ONE JSON object (else a table).")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
+def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, threads) -> None:
+    """Measure sample quality against held-out data at several NFE budgets.
+
+    2-D data: sliced-W2, MMD, energy distance; digits: FD-digits and classifier accuracy.
+    Always: straightness of the sampling paths, wall time, actual NFE, and the two-sample
+    floor (the same metric between two independent data draws of the same size).
+
+    \b
+    Examples:
+      fewflow eval runs/cb --nfe 1,2,4,8,100 --json
+      fewflow eval runs/cb --nfe 2,4,8 --solver euler,heun --out metrics.json
+    """
+    from fewflow.cli.evaluate import evaluate_run, format_table
+    from fewflow.run import load_run
+
+    _threads(threads)
+    nfes = _parse_int_list(nfe, "--nfe")
+    solvers = [s for s in (solver or "").split(",") if s] or None
+    model, cfg = load_run(run_dir, which=which, device=device)
+    report = evaluate_run(model, cfg, nfes=nfes, steppers=solvers, grid=grid, n=n, seed=seed,
+                          progress=not as_json)
+    report["run"] = str(run_dir)
+    text = json.dumps(report, indent=None if as_json else 2, sort_keys=False)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        click.echo(text)
+    else:
+        click.echo(format_table(report))
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+@cli.command("fetch")
+@click.argument("name", type=click.Choice(["mnist"]))
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to keep the data (default: $FEWFLOW_CACHE or ~/.cache/fewflow).")
+@click.option("--force", is_flag=True, help="Download again even if a verified copy is cached.")
+def fetch_cmd(name, cache_dir, force) -> None:
+    """Download a data set once (checksum-verified) into the cache.
+
+    \b
+    Examples:
+      fewflow fetch mnist
+      fewflow fetch mnist --cache-dir /data/fewflow
+    """
+    from fewflow.data import fetch_mnist
+
+    path = fetch_mnist(cache_dir=cache_dir, force=force)
+    click.echo(str(path))
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@cli.command("demo")
+@click.option("--out", "out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
+              help="Folder for report.md, metrics.json, plots and the trained run.")
+@click.option("--quick", is_flag=True, help="A much smaller run (about 30 s) for smoke tests.")
+@click.option("--digits/--no-digits", default=False, show_default=True,
+              help="Also train a class-conditional model on 8x8 digits (adds about a minute).")
+@click.option("--steps", type=int, default=None, hidden=True, help="Override the training steps (tests).")
+@click.option("--n-eval", type=int, default=None, hidden=True, help="Override samples per evaluation (tests).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch.set_num_threads.")
+def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
+    """Train a flow-matching model on a built-in data set and report quality vs NFE.
+
+    Trains CFM on checkerboard, samples at NFE 1, 2, 4, 8, 100 with Euler and Heun, and writes
+    OUT/report.md (metric vs NFE beside the two-sample floor), OUT/metrics.json and plots.
+    Runs on CPU in about 2-3 minutes.
+
+    \b
+    Examples:
+      fewflow demo
+      fewflow demo --out /tmp/demo --quick
+    """
+    from fewflow.cli.demo import run_demo
+
+    _threads(threads)
+    report = run_demo(Path(out), quick=quick, digits=digits, steps=steps, n_eval=n_eval)
+    click.echo(str(report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``fewflow = fewflow.cli.main:main``)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    cli.main(args=argv, prog_name="fewflow")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

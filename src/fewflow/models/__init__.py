@@ -1,0 +1,40 @@
+"""Reference networks: time-embedded MLP, small U-Net, small DiT; ``build_model`` rebuilds from ``.config``.
+
+Every model is ``forward(x, t, y=None)`` (velocity) or ``forward(x, s, t, y=None)`` with
+``is_flow_map = True`` (average velocity on ``[s, t]``); none uses BatchNorm, and attention is written
+out so ``torch.func.jvp`` works through every model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fewflow._validate import FewflowError, unknown_name
+from fewflow.models.dit import DiT
+from fewflow.models.embeddings import Conditioning, TimeEmbedding, TimeFeatures
+from fewflow.models.mlp import MLP
+from fewflow.models.unet import UNet, plain_attention
+
+MODELS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet, "DiT": DiT}
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from ``.config``: ``{"type": "MLP" | "UNet" | "DiT", **constructor kwargs}``."""
+    if not isinstance(config, dict) or "type" not in config:
+        raise FewflowError("model config must be a dict with a 'type' key (e.g. model.config)")
+    kw = dict(config)
+    kind = kw.pop("type")
+    if kind not in MODELS:
+        raise unknown_name("model type", kind, MODELS)
+    try:
+        return MODELS[kind](**kw)
+    except TypeError as exc:
+        raise FewflowError(f"bad config for {kind}: {exc}") from exc
+
+
+__all__ = [
+    "MLP", "UNet", "DiT", "build_model", "MODELS", "Conditioning", "TimeEmbedding", "TimeFeatures",
+    "plain_attention",
+]

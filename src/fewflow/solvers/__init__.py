@@ -1,0 +1,43 @@
+"""Solvers: time grids, steppers, the shared integration loop, adaptive solves and likelihoods.
+
+Time runs from t = 0 (source) to t = 1 (data); a decreasing grid integrates backwards (inversion).
+"""
+
+from fewflow.solvers.grids import as_grid, edm_grid, logsnr_grid, shift_time, shifted_grid, uniform_grid
+from fewflow.solvers.likelihood import log_likelihood
+from fewflow.solvers.loop import SolveResult, solve, solve_adaptive
+from fewflow.solvers.steppers import (
+    RK4,
+    STEPPERS,
+    Euler,
+    EulerMaruyama,
+    FlowMapStep,
+    Heun,
+    Midpoint,
+    Stepper,
+    get_stepper,
+    register_stepper,
+)
+
+__all__ = [
+    "uniform_grid",
+    "shifted_grid",
+    "shift_time",
+    "edm_grid",
+    "logsnr_grid",
+    "as_grid",
+    "Stepper",
+    "Euler",
+    "Midpoint",
+    "Heun",
+    "RK4",
+    "FlowMapStep",
+    "EulerMaruyama",
+    "STEPPERS",
+    "get_stepper",
+    "register_stepper",
+    "SolveResult",
+    "solve",
+    "solve_adaptive",
+    "log_likelihood",
+]
