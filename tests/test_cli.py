@@ -82,7 +82,7 @@ def test_eval_json(run_dir, tmp_path):
     r = invoke(["eval", str(run_dir), "--nfe", "1,2,8", "--solver", "euler,heun", "--n", "400", "--json",
                 "--out", str(tmp_path / "m.json")])
     assert r.exit_code == 0, r.stderr
-    rep = json.loads(r.output)  # ONE JSON object on stdout
+    rep = json.loads(r.stdout)  # ONE JSON object on stdout
     assert rep == json.loads((tmp_path / "m.json").read_text())
     assert set(rep["floor"]) == {"sliced_w2", "mmd", "energy"}
     pairs = [(row["solver"], row["nfe"]) for row in rep["results"]]
@@ -99,7 +99,7 @@ def test_eval_json(run_dir, tmp_path):
     assert sw[8] < sw[1]
     # the table form
     r = invoke(["eval", str(run_dir), "--nfe", "2", "--n", "200"])
-    assert r.exit_code == 0 and "two-sample floor" in r.output
+    assert r.exit_code == 0 and "two-sample floor" in r.stdout
 
 
 def test_resume_continues(tmp_path):
@@ -202,7 +202,7 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = invoke(["demo", "--quick", "--out", str(out), "--steps", "60", "--n-eval", "300"])
     assert r.exit_code == 0, r.stderr
-    assert r.output.strip() == str(out / "report.md")
+    assert r.stdout.strip() == str(out / "report.md")
     report = (out / "report.md").read_text()
     assert "two-sample floor" in report and "NFE" in report and "x the floor" in report
     m = json.loads((out / "metrics.json").read_text())

@@ -240,6 +240,14 @@ def test_prefetch_coupler_matches_sequential_coupling():
         assert torch.equal(r.x0, ref.x0) and torch.equal(r.perm, ref.perm)
     # a second pass re-iterates the loader
     assert len(list(coupler)) == 5
+    # several workers: same results, same order
+    with PrefetchCoupler(batches, ExactOTCoupling(), depth=2, seed=7, num_workers=3) as par:
+        got3 = list(par)
+    assert all(torch.equal(a.perm, b.perm) and torch.equal(a.x0, b.x0) for a, b in zip(got, got3))
+    # random couplings are reproducible per seed whatever the number of workers
+    sk = [r.perm for r in PrefetchCoupler(batches, SinkhornCoupling(0.5), seed=1)]
+    sk3 = [r.perm for r in PrefetchCoupler(batches, SinkhornCoupling(0.5), seed=1, num_workers=3)]
+    assert all(torch.equal(a, b) for a, b in zip(sk, sk3))
 
 
 def test_prefetch_coupler_with_sampler_source_and_errors():

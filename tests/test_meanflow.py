@@ -56,7 +56,7 @@ def test_jvp_target_equals_central_finite_difference(gen, tangents):
         um = model(x - h * v, s - a * h, t - b * h)
     du_fd = (up - um) / (2 * h)
     expected = v + (t - s)[:, None] * du_fd
-    torch.testing.assert_close(u_tgt, expected, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(u_tgt, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(u, model(x, s, t))
     assert not u_tgt.requires_grad and u.requires_grad
 
@@ -237,7 +237,7 @@ def test_attention_model_jvp_matches_finite_difference(gen):
     h = 1e-5
     with torch.no_grad():
         du = (model(x + h * v, s + h, t) - model(x - h * v, s - h, t)) / (2 * h)
-    torch.testing.assert_close(u_tgt, v + (t - s)[:, None] * du, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(u_tgt, v + (t - s)[:, None] * du, rtol=1e-5, atol=1e-6)
 
 
 def test_split_jvp_mode_equals_fused(gen):
@@ -324,7 +324,7 @@ def test_meanflow_one_step_beats_cfm_euler_on_moons():
     test = load_dataset("moons", n=2000, seed=1).x.float()
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
 
-    def train(model, objective, steps=1000):
+    def train(model, objective, steps=600):
         g = torch.Generator().manual_seed(0)
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         for _ in range(steps):

@@ -18,6 +18,7 @@ from fewflow.metrics import (
     CostMeter,
     class_histogram,
     classifier_accuracy,
+    digits_classifier_accuracy,
     energy_distance,
     fd_digits,
     frechet_distance,
@@ -44,11 +45,11 @@ def test_sliced_equals_exact_w2_in_1d_and_closed_form_for_shift(gen):
         assert sliced_wasserstein(a, a + m, n_proj=4, generator=gen) == pytest.approx(abs(m), abs=1e-9)
         assert wasserstein2(a, a + m) == pytest.approx(abs(m), abs=1e-6)
     # independent samples of N(0,1) and N(m,1): W2 -> |m| (the Gaussian closed form), sliced == exact in 1-D
-    x = torch.randn(3000, 1, generator=gen, dtype=torch.float64)
-    y = torch.randn(3000, 1, generator=gen, dtype=torch.float64) + 1.5
+    x = torch.randn(1000, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(1000, 1, generator=gen, dtype=torch.float64) + 1.5
     sw, w2 = sliced_wasserstein(x, y, n_proj=8, generator=gen), wasserstein2(x, y)
     assert sw == pytest.approx(w2, rel=1e-6)
-    assert w2 == pytest.approx(1.5, abs=0.08)
+    assert w2 == pytest.approx(1.5, abs=0.12)
 
 
 def test_wasserstein_1d_unequal_sizes_matches_pot(gen):
@@ -167,7 +168,8 @@ def test_frechet_closed_form_diagonal_and_general(gen):
 def test_frechet_distance_of_gaussian_samples(gen):
     n = 20000
     a = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    b = torch.randn(n, 2, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 1.0], dtype=torch.float64) + 1
+    scale = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    b = torch.randn(n, 2, generator=gen, dtype=torch.float64) * scale + 1
     closed = 2.0 + (1 - 2) ** 2  # |mu|^2 = 2, diag sqrt-cov difference (1 - 2)^2 + 0
     assert frechet_distance(a, b) == pytest.approx(closed, abs=0.08)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
@@ -187,10 +189,13 @@ def digits_classifier(tmp_path_factory):
 def test_fd_digits_separates_real_from_noised(digits_classifier):
     clf, _ = digits_classifier
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
-    assert classifier_accuracy(test.x, test.y, classifier=clf) > 0.9
+    acc = classifier_accuracy(test.x, test.y, classifier=clf)
+    assert acc > 0.9
     g = torch.Generator().manual_seed(0)
     real = fd_digits(train.x, classifier=clf)  # reference: the test split
-    noised = [fd_digits(train.x + s * torch.randn(train.x.shape, generator=g), classifier=clf) for s in (0.5, 1.0)]
+    noised = [
+        fd_digits(train.x + s * torch.randn(train.x.shape, generator=g), classifier=clf) for s in (0.5, 1.0)
+    ]
     assert real < 0.2 * noised[0] < noised[1]
     assert fd_digits(test.x, reference=test.x, classifier=clf) == pytest.approx(0.0, abs=1e-6)
     hist = class_histogram(test.x, classifier=clf)
@@ -201,7 +206,7 @@ def test_fd_digits_separates_real_from_noised(digits_classifier):
 
 
 @pytest.mark.slow
-def test_feature_classifier_cache_roundtrip(digits_classifier):
+def test_feature_classifier_cache_roundtrip(digits_classifier, monkeypatch):
     clf, cache = digits_classifier
     files = sorted(p.name for p in (cache / "classifiers").iterdir())
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
@@ -211,7 +216,11 @@ def test_feature_classifier_cache_roundtrip(digits_classifier):
     for (k, v), (k2, v2) in zip(clf.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     with pytest.raises(FewflowError, match="cannot tell the data set"):
-        fd_digits(torch.zeros(4, 2), classifier=clf) if False else features_mod._infer_dataset(torch.zeros(4, 1, 5, 5), None)
+        class_histogram(torch.zeros(4, 1, 5, 5))
+    monkeypatch.setenv("FEWFLOW_CACHE", str(cache))  # the default cache now holds the trained classifier
+    test = load_dataset("digits", split="test")
+    expected = classifier_accuracy(test.x, test.y, classifier=loaded)
+    assert digits_classifier_accuracy(test.x, test.y) == expected
     with pytest.raises(FewflowError, match="labels"):
         classifier_accuracy(torch.zeros(4, 1, 8, 8), torch.zeros(3, dtype=torch.long), classifier=clf)
 
@@ -245,7 +254,8 @@ def test_straightness_of_model_via_solver(gen):
     pytest.importorskip("fewflow.solvers")
     x0 = torch.randn(16, 2, generator=gen)
     const = torch.tensor([1.0, -2.0])
-    assert straightness_of_model(lambda x, t: const.expand_as(x), x0, steps=8) == pytest.approx(0.0, abs=1e-10)
+    s_const = straightness_of_model(lambda x, t: const.expand_as(x), x0, steps=8)
+    assert s_const == pytest.approx(0.0, abs=1e-10)
     rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
     assert straightness_of_model(lambda x, t: x @ rot.T * 2.0, x0, steps=16) > 0.1
 

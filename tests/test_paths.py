@@ -133,7 +133,8 @@ def test_get_schedule():
 def test_sample_definition_and_velocity_is_time_derivative(name):
     path = AffinePath(SCHEDULES[name])
     g = torch.Generator().manual_seed(0)
-    x0, x1 = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    x0 = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    x1 = torch.randn(6, 3, generator=g, dtype=torch.float64)
     t = torch.rand(6, generator=g, dtype=torch.float64) * 0.9 + 0.05
     ps = path.sample(x0, x1, t)
     assert isinstance(ps, PathSample) and ps.z is None and ps.t.shape == (6,)
@@ -211,7 +212,8 @@ def test_conversions_mutually_inverse(name):
 
 def gaussian_velocity(sch: Schedule, m: torch.Tensor, S: torch.Tensor):
     """Marginal velocity for x1 ~ N(m, S), x0 ~ N(0, I):
-    v = d_alpha m + (d_alpha alpha S + d_sigma sigma I) Sigma_t^{-1} (x - alpha m), Sigma_t = alpha^2 S + sigma^2 I."""
+    v = d_alpha m + (d_alpha alpha S + d_sigma sigma I) Sigma_t^{-1} (x - alpha m),
+    Sigma_t = alpha^2 S + sigma^2 I."""
     eye = torch.eye(len(m), dtype=m.dtype)
 
     def v(x, t):

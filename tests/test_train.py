@@ -491,3 +491,9 @@ def test_labels_skipped_for_unconditional_models():
     Trainer(TinyMLP(), obj, DS(), quiet(steps=1)).fit()  # no declaration: labels passed
     Trainer(m, obj, DS(), quiet(steps=1), use_labels=True).fit()
     assert got == [[], ["y"], ["y"]]
+
+
+def test_progress_bar_shows_loss(data, capsys):
+    Trainer(TinyMLP(), regression, data, quiet(steps=4, log_every=2, progress=True)).fit()
+    err = capsys.readouterr().err
+    assert "loss=" in err and "4/4" in err

@@ -207,7 +207,7 @@ def train_cmd(data, method, out, config_file, resume, steps, batch_size, lr, cou
     Precedence: data-set defaults < --config file < flags. With --resume the run's own
     config.json is used and only --steps / --device / --no-progress may change.
     """
-    from fewflow.run import RunConfig, default_config, read_config, read_run_folder, train_run
+    from fewflow.run import RunConfig, default_config, model_type, read_config, read_run_folder, train_run
 
     _threads(threads)
     out_dir = Path(out)
@@ -219,7 +219,7 @@ def train_cmd(data, method, out, config_file, resume, steps, batch_size, lr, cou
         "objective.source": source,
         "objective.conditional": conditional,
         "objective.label_dropout": label_dropout,
-        "model.kind": model_kind,
+        "model.type": model_kind,
         "data.n": n_data,
         "seed": seed,
         "train.steps": steps,
@@ -256,8 +256,9 @@ def train_cmd(data, method, out, config_file, resume, steps, batch_size, lr, cou
             cfg = RunConfig.from_dict(merged)
         else:
             cfg = default_config(data or "checkerboard")
-        if "model.kind" in flags and flags["model.kind"] != cfg.model.kind:
-            cfg = cfg.replace({"model": {"kind": flags.pop("model.kind")}})
+        kind = flags.pop("model.type", None)
+        if kind is not None and model_type(kind) != model_type(cfg.model.get("type", "MLP")):
+            cfg = cfg.replace({"model": {"type": kind}})  # another network: drop the default's settings
         cfg = cfg.replace(flags)
         if force and out_dir.exists():
             import shutil
@@ -270,8 +271,14 @@ def train_cmd(data, method, out, config_file, resume, steps, batch_size, lr, cou
 
 
 def _deep_update(base: dict, new: dict) -> None:
+    """Merge ``new`` into ``base``; a ``model`` section of another ``type`` replaces the default one."""
+    from fewflow.run import model_type
+
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "model":
+        if k == "model" and isinstance(v, dict) and "type" in v and isinstance(base.get(k), dict) \
+                and model_type(v["type"]) != model_type(base[k].get("type", "MLP")):
+            base[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
             _deep_update(base[k], v)
         else:
             base[k] = v

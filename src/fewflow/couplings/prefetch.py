@@ -3,8 +3,12 @@
 Exact minibatch OT costs an O(B^3) assignment per batch (about 10 ms for B = 512 on one CPU core), which
 would otherwise sit on the training critical path. ``scipy.optimize.linear_sum_assignment`` and the torch
 kernels that build the cost matrix release the GIL (measured: a pure-Python loop in the main thread is not
-slowed while the assignment runs in a thread), so one daemon thread is enough; no worker process, no
-pickling of batches.
+slowed while the assignment runs in a thread), so threads suffice: no worker process, no pickling of
+batches. A producer thread reads batches and draws ``x0``; ``num_workers`` threads solve the couplings of
+successive batches in parallel, and results come out in batch order. Throughput is bounded by
+``num_workers * (network step time) / (coupling time)``: when one assignment takes longer than one training
+step (e.g. B = 512 two-dimensional data, where the Hungarian solve is slow), use more workers on a machine
+with spare cores.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -44,11 +49,13 @@ class PrefetchCoupler:
             ``iter()``), or a zero-argument callable returning a batch (called forever, or ``max_batches``
             times). A batch is a tensor ``x1``, or a tuple/list ``(x1, y, ...)`` (second item: labels).
         coupling: any :class:`~fewflow.couplings.Coupling`.
-        depth: how many coupled batches may wait in the queue (>= 1).
+        depth: how many batches may be in flight or waiting (>= 1; raised to ``num_workers`` if smaller).
+        num_workers: threads solving couplings in parallel (>= 1).
         source: what ``x0`` is; an object with ``sample_like(x1, generator=...)`` (a ``fewflow.sources``
             source). ``None``: standard normal noise shaped like ``x1``.
-        seed: seeds the background thread's own ``torch.Generator`` (used for ``x0`` and for random
-            couplings), so a run is reproducible given a deterministic loader. ``None``: unseeded.
+        seed: seeds the producer's own ``torch.Generator`` for ``x0`` (batch n's random coupling, e.g.
+            Sinkhorn sampling, gets a generator seeded from ``(seed, n)``), so a run is reproducible given a
+            deterministic loader, whatever ``num_workers``. ``None``: unseeded.
         device: if given, results are moved there (non-blocking) in the background thread.
         max_batches: stop after this many batches (useful with a callable sampler).
 
@@ -66,9 +73,12 @@ class PrefetchCoupler:
         seed: int | None = None,
         device: torch.device | str | None = None,
         max_batches: int | None = None,
+        num_workers: int = 1,
     ) -> None:
         if not isinstance(depth, int) or depth < 1:
             raise FewflowError(f"depth must be a positive integer, got {depth!r}")
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise FewflowError(f"num_workers must be a positive integer, got {num_workers!r}")
         if not callable(coupling):
             raise FewflowError(f"coupling must be a Coupling, got {type(coupling).__name__}")
         is_iter = hasattr(loader_or_sampler, "__iter__")
@@ -86,6 +96,8 @@ class PrefetchCoupler:
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
         self.max_batches = max_batches
+        self.num_workers = num_workers
+        self._pool: ThreadPoolExecutor | None = None
         self._queue: queue.Queue[Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,7 +130,11 @@ class PrefetchCoupler:
                 continue
         return False
 
-    def _work(self, q: queue.Queue[Any]) -> None:
+    def _couple(self, x0: Tensor, x1: Tensor, y: Tensor | None, seed: int | None) -> CouplingResult:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return self.coupling(x0, x1, y=y, generator=gen)
+
+    def _work(self, q: queue.Queue[Any], pool: ThreadPoolExecutor) -> None:
         gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         try:
             for n, batch in enumerate(self._batches()):
@@ -132,8 +148,9 @@ class PrefetchCoupler:
                     x0 = randn_like(x1, gen)
                 else:
                     x0 = self.source.sample_like(x1, generator=gen)
-                result = self.coupling(x0, x1, y=y, generator=gen)
-                if not self._put(q, result):
+                seed = None if self.seed is None else (self.seed * 1_000_003 + n + 1) % (2**63)
+                fut = pool.submit(self._couple, x0, x1, y, seed)
+                if not self._put(q, fut):
                     return
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
             self._put(q, _Failure(exc))
@@ -146,9 +163,11 @@ class PrefetchCoupler:
         if self._thread is not None and self._thread.is_alive():
             return self
         self._stop.clear()
-        self._queue = queue.Queue(maxsize=self.depth)
+        self._queue = queue.Queue(maxsize=max(self.depth, self.num_workers))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="fewflow-coupling")
         self._thread = threading.Thread(
-            target=self._work, args=(self._queue,), name="fewflow-prefetch-coupler", daemon=True
+            target=self._work, args=(self._queue, self._pool), name="fewflow-prefetch-coupler", daemon=True
         )
         self._thread.start()
         return self
@@ -176,7 +195,11 @@ class PrefetchCoupler:
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
-        return item
+        try:
+            return item.result()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop the background thread and drop queued batches."""
@@ -185,6 +208,9 @@ class PrefetchCoupler:
             self._thread.join(timeout=5.0)
         self._thread = None
         self._queue = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def __enter__(self) -> PrefetchCoupler:
         return self.start()
@@ -198,4 +224,6 @@ class PrefetchCoupler:
             stop.set()
 
     def __repr__(self) -> str:
-        return f"PrefetchCoupler(coupling={self.coupling!r}, depth={self.depth})"
+        return (
+            f"PrefetchCoupler(coupling={self.coupling!r}, depth={self.depth}, num_workers={self.num_workers})"
+        )

@@ -247,6 +247,11 @@ def classifier_accuracy(samples: Tensor, labels: Tensor, dataset: str | None = N
     return float((pred == labels.to(pred.device)).double().mean())
 
 
+def digits_classifier_accuracy(samples: Tensor, labels: Tensor) -> float:
+    """:func:`classifier_accuracy` with the digits classifier (8x8 samples)."""
+    return classifier_accuracy(samples, labels, dataset="digits")
+
+
 def class_histogram(samples: Tensor, dataset: str | None = None,
                     classifier: FeatureClassifier | None = None) -> Tensor:
     """Counts ``(10,)`` (int64) of predicted classes: a mode-coverage / mode-collapse check."""

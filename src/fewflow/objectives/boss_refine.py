@@ -72,12 +72,13 @@ class BossSegments:
 
 def boss_refine_loss(model: Any, seg: BossSegments, **cond: Any) -> LossOutput:
     """``mean_m || v(x_start, t_start) - (x_end - x_start) / (t_end - t_start) ||^2`` over the rows of
-    ``seg`` (conditioning: ``seg.cond`` overridden by ``cond``)."""
+    ``seg``. Conditioning: the per-row ``seg.cond`` (aligned with the segments) wins over ``cond``, whose
+    other keys are passed through (a trainer's data-batch labels must not replace the segments' own)."""
     xa, xb = seg.x_start, seg.x_end
     ta = seg.t_start.to(xa.dtype)
     dt = expand_like((seg.t_end - seg.t_start).to(xa.dtype), xa)
     target = (xb - xa) / dt
-    v = model(xa, ta, **{**seg.cond, **cond})
+    v = model(xa, ta, **{**cond, **seg.cond})
     if v.shape != xa.shape:
         raise FewflowError(f"model returned shape {tuple(v.shape)} for input of shape {tuple(xa.shape)}")
     per = (v - target).pow(2).flatten(1).sum(1)

@@ -251,8 +251,10 @@ def flow_map_jvp(
     if mode not in ("fused", "split"):
         raise unknown_name("jvp mode", mode, ("auto", "fused", "split"))
     inner = _inner(model)
-    ds = torch.as_tensor(ds, device=s.device, dtype=s.dtype).expand_as(s)
-    dt = torch.as_tensor(dt, device=t.device, dtype=t.dtype).expand_as(t)
+    # dual tensors must own their memory: an expanded view (several elements, one location) is refused
+    ds = torch.as_tensor(ds, device=s.device, dtype=s.dtype).expand_as(s).contiguous()
+    dt = torch.as_tensor(dt, device=t.device, dtype=t.dtype).expand_as(t).contiguous()
+    x, s, t, dx = x.contiguous(), s.contiguous(), t.contiguous(), dx.contiguous()
 
     def f(x_: Tensor, s_: Tensor, t_: Tensor) -> Tensor:
         return inner(x_, s_, t_, **cond)

@@ -30,6 +30,7 @@ class EMA:
         self.module = copy.deepcopy(model)
         self.module.eval()
         self.module.requires_grad_(False)
+        self._cache: tuple[int, tuple[list, list, list, list]] | None = None
 
     def current_decay(self) -> float:
         """The decay the next :meth:`update` will use."""
@@ -38,19 +39,29 @@ class EMA:
         n = self.num_updates
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
+    def _param_pairs(self, model: nn.Module) -> tuple[list, list, list, list]:
+        """(EMA float params, model float params, EMA other params, model other params), cached per model."""
+        if self._cache is None or self._cache[0] != id(model):
+            ema_params = dict(self.module.named_parameters())
+            ef, mf, eo, mo = [], [], [], []
+            for name, p in model.named_parameters():
+                e = ema_params.get(name)
+                if e is None or e.shape != p.shape:
+                    raise FewflowError(f"EMA: parameter {name!r} does not match the EMA copy")
+                (ef if e.is_floating_point() else eo).append(e)
+                (mf if e.is_floating_point() else mo).append(p)
+            self._cache = (id(model), (ef, mf, eo, mo))
+        return self._cache[1]
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """``ema <- d ema + (1 - d) model`` for floating-point parameters; buffers are copied."""
         d = self.current_decay()
-        ema_params = dict(self.module.named_parameters())
-        for name, p in model.named_parameters():
-            e = ema_params.get(name)
-            if e is None:
-                raise FewflowError(f"EMA: parameter {name!r} is not in the EMA copy (was the model rebuilt?)")
-            if e.is_floating_point():
-                e.lerp_(p.detach(), 1.0 - d)
-            else:
-                e.copy_(p.detach())
+        ef, mf, eo, mo = self._param_pairs(model)
+        if ef:
+            torch._foreach_lerp_(ef, [p.detach() for p in mf], 1.0 - d)
+        for e, p in zip(eo, mo):
+            e.copy_(p.detach())
         ema_buffers = dict(self.module.named_buffers())
         for name, b in model.named_buffers():
             if name in ema_buffers:
