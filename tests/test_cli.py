@@ -12,8 +12,21 @@ from click.testing import CliRunner
 
 from fewflow.cli.main import cli
 
-TINY = ["--set", "model.hidden=32", "--set", "model.depth=2", "--n", "2000", "--batch-size", "128",
-        "--no-progress", "--set", "train.ckpt_every=0", "--set", "train.log_every=10"]
+TINY = [
+    "--set",
+    "model.hidden=32",
+    "--set",
+    "model.depth=2",
+    "--n",
+    "2000",
+    "--batch-size",
+    "128",
+    "--no-progress",
+    "--set",
+    "train.ckpt_every=0",
+    "--set",
+    "train.log_every=10",
+]
 
 
 def invoke(args: list[str]):
@@ -58,35 +71,84 @@ def test_train_writes_a_run_folder(run_dir):
 
 
 def test_sample_formats(run_dir, tmp_path):
-    r = invoke(["sample", str(run_dir), "--nfe", "4", "--solver", "heun", "--n", "123",
-                "--out", str(tmp_path / "s.npy")])
+    r = invoke(
+        [
+            "sample",
+            str(run_dir),
+            "--nfe",
+            "4",
+            "--solver",
+            "heun",
+            "--n",
+            "123",
+            "--out",
+            str(tmp_path / "s.npy"),
+        ]
+    )
     assert r.exit_code == 0, r.stderr
     x = np.load(tmp_path / "s.npy")
     assert x.shape == (123, 2) and np.isfinite(x).all()
     assert "NFE 4" in r.stderr
-    r = invoke(["sample", str(run_dir), "--nfe", "4", "--n", "50", "--out", str(tmp_path / "s.pt"), "--seed", "3"])
+    r = invoke(
+        ["sample", str(run_dir), "--nfe", "4", "--n", "50", "--out", str(tmp_path / "s.pt"), "--seed", "3"]
+    )
     assert r.exit_code == 0
     y = torch.load(tmp_path / "s.pt")
     assert y.shape == (50, 2)
     # same seed, same samples; another seed, other samples
-    r = invoke(["sample", str(run_dir), "--nfe", "4", "--n", "50", "--out", str(tmp_path / "s2.pt"), "--seed", "3"])
+    r = invoke(
+        ["sample", str(run_dir), "--nfe", "4", "--n", "50", "--out", str(tmp_path / "s2.pt"), "--seed", "3"]
+    )
     torch.testing.assert_close(torch.load(tmp_path / "s2.pt"), y)
-    r = invoke(["sample", str(run_dir), "--nfe", "4", "--n", "50", "--out", str(tmp_path / "s3.pt"), "--seed", "4"])
+    r = invoke(
+        ["sample", str(run_dir), "--nfe", "4", "--n", "50", "--out", str(tmp_path / "s3.pt"), "--seed", "4"]
+    )
     assert not torch.allclose(torch.load(tmp_path / "s3.pt"), y)
-    r = invoke(["sample", str(run_dir), "--nfe", "6", "--schedule", "edm", "--n", "200",
-                "--out", str(tmp_path / "s.png")])
+    r = invoke(
+        [
+            "sample",
+            str(run_dir),
+            "--nfe",
+            "6",
+            "--schedule",
+            "edm",
+            "--n",
+            "200",
+            "--out",
+            str(tmp_path / "s.png"),
+        ]
+    )
     assert r.exit_code == 0 and (tmp_path / "s.png").stat().st_size > 1000
 
 
 def test_eval_json(run_dir, tmp_path):
-    r = invoke(["eval", str(run_dir), "--nfe", "1,2,8", "--solver", "euler,heun", "--n", "400", "--json",
-                "--out", str(tmp_path / "m.json")])
+    r = invoke(
+        [
+            "eval",
+            str(run_dir),
+            "--nfe",
+            "1,2,8",
+            "--solver",
+            "euler,heun",
+            "--n",
+            "400",
+            "--json",
+            "--out",
+            str(tmp_path / "m.json"),
+        ]
+    )
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)  # ONE JSON object on stdout
     assert rep == json.loads((tmp_path / "m.json").read_text())
     assert set(rep["floor"]) == {"sliced_w2", "mmd", "energy"}
     pairs = [(row["solver"], row["nfe"]) for row in rep["results"]]
-    assert pairs == [("euler", 1), ("euler", 2), ("euler", 8), ("heun", 2), ("heun", 8)]  # heun NFE 1 impossible
+    assert pairs == [
+        ("euler", 1),
+        ("euler", 2),
+        ("euler", 8),
+        ("heun", 2),
+        ("heun", 8),
+    ]  # heun NFE 1 impossible
     for row in rep["results"]:
         for k in ("sliced_w2", "mmd", "energy", "straightness", "wall_time_s", "ratio"):
             assert row[k] is not None and np.isfinite(row[k]), (k, row)
@@ -168,10 +230,13 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
 
 def test_sample_rejects_bad_options(run_dir, tmp_path):
     assert_one_line_error(invoke(["sample", str(run_dir), "--out", str(tmp_path / "x.txt")]), ".npy")
-    assert_one_line_error(invoke(["sample", str(run_dir), "--label", "3", "--out", str(tmp_path / "x.npy")]),
-                          "unconditional")
-    assert_one_line_error(invoke(["sample", str(run_dir), "--solver", "heun", "--nfe", "1",
-                                  "--out", str(tmp_path / "x.npy")]), "too small")
+    assert_one_line_error(
+        invoke(["sample", str(run_dir), "--label", "3", "--out", str(tmp_path / "x.npy")]), "unconditional"
+    )
+    assert_one_line_error(
+        invoke(["sample", str(run_dir), "--solver", "heun", "--nfe", "1", "--out", str(tmp_path / "x.npy")]),
+        "too small",
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -185,11 +250,33 @@ def test_train_from_config_file_with_flag_override(tmp_path):
     import yaml
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"name": "8gaussians"}, "model": {"hidden": 16, "depth": 1},
-                                   "objective": {"coupling": "ot"}, "train": {"steps": 5}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"name": "8gaussians"},
+                "model": {"hidden": 16, "depth": 1},
+                "objective": {"coupling": "ot"},
+                "train": {"steps": 5},
+            }
+        )
+    )
     out = tmp_path / "g"
-    r = invoke(["train", "--config", str(cfg), "--out", str(out), "--steps", "8", "--n", "500",
-                "--batch-size", "64", "--no-progress"])
+    r = invoke(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--steps",
+            "8",
+            "--n",
+            "500",
+            "--batch-size",
+            "64",
+            "--no-progress",
+        ]
+    )
     assert r.exit_code == 0, r.stderr
     rc = json.loads((out / "config.json").read_text())["run_config"]
     assert rc["data"]["name"] == "8gaussians" and rc["objective"]["coupling"] == "ot"
@@ -208,11 +295,19 @@ def test_demo_quick_end_to_end(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     rows = m["checkerboard"]["results"]
     assert {(row["solver"], row["nfe"]) for row in rows} == {
-        ("euler", 1), ("euler", 2), ("euler", 4), ("euler", 8), ("euler", 100),
-        ("heun", 2), ("heun", 4), ("heun", 8), ("heun", 100),
+        ("euler", 1),
+        ("euler", 2),
+        ("euler", 4),
+        ("euler", 8),
+        ("euler", 100),
+        ("heun", 2),
+        ("heun", 4),
+        ("heun", 8),
+        ("heun", 100),
     }
     assert m["checkerboard_check"]["ratio"] == pytest.approx(
-        m["checkerboard_check"]["euler_nfe100_sliced_w2"] / m["checkerboard"]["floor"]["sliced_w2"])
+        m["checkerboard_check"]["euler_nfe100_sliced_w2"] / m["checkerboard"]["floor"]["sliced_w2"]
+    )
     for png in ("checkerboard_samples.png", "checkerboard_trajectories.png", "checkerboard_sw2_vs_nfe.png"):
         assert (out / png).stat().st_size > 1000, png
     assert "[1/2] checkerboard: train CFM" in r.stderr

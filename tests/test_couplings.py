@@ -1,4 +1,4 @@
-"""Couplings: exact OT optimality (vs POT's emd2), class-conditional OT, Sinkhorn/SB, W-CFM weights, prefetch."""
+"""Couplings: exact OT optimality (vs POT's emd2), class-conditional OT, Sinkhorn/SB, W-CFM, prefetch."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def test_exact_ot_attains_emd_cost_and_is_a_permutation(shape, seed):
     assert got < _mean_pair_cost(x0, x1)  # beats the independent pairing on random data
     assert res.diagnostics["cost_coupled"] == pytest.approx(got, rel=1e-9)
     assert res.diagnostics["cost_independent"] == pytest.approx(_mean_pair_cost(x0, x1), rel=1e-9)
+    emd = ExactOTCoupling(solver="emd")(x0, x1)
+    assert _is_perm(emd.perm, shape[0])
+    assert _mean_pair_cost(emd.x0, x1) == pytest.approx(got, rel=1e-9)
 
 
 def test_exact_ot_euclidean_cost_and_dtype_preserved():
@@ -222,6 +225,8 @@ def test_bad_inputs_raise_fewflow_error():
         SchrodingerBridgeCoupling(0.0)
     with pytest.raises(FewflowError, match="cost"):
         ExactOTCoupling(cost="l1")
+    with pytest.raises(FewflowError, match="solver"):
+        ExactOTCoupling(solver="auction")
     with pytest.raises(FewflowError, match="labels"):
         ExactOTCoupling()(x, x, y=torch.zeros(3, dtype=torch.long))
 

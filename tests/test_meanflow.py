@@ -112,7 +112,7 @@ def test_ratio_controls_the_fraction_with_s_ne_t(gen):
         assert bool((s <= t).all()) and float(s.min()) >= 0 and float(t.max()) <= 1
 
 
-# ------------------------------------------------------------------------ (c) the exact flow map is a fixed point
+# -------------------------------------------------------------------- (c) the exact flow map is a fixed point
 
 
 def _gaussian_flow(dtype=torch.float64) -> GaussianFlow:
@@ -282,8 +282,9 @@ def test_ddp_wrapped_model(tmp_path, gen):
 def test_time_pair_samplers(gen):
     for smp in (TimePairSampler.uniform(), TimePairSampler.logit_normal(), TimePairSampler.meanflow_cifar()):
         s, t = smp.sample(2000, dtype=torch.float64, generator=gen)
-        assert s.dtype == torch.float64 and bool((s <= t).all()) and float(s.min()) >= 0 and float(t.max()) <= 1
-    # the ImageNet logit-normal(-0.4, 1) over noise time has mean noise level < 0.5: fewflow times lean to data
+        assert s.dtype == torch.float64 and bool((s <= t).all())
+        assert float(s.min()) >= 0 and float(t.max()) <= 1
+    # ImageNet's logit-normal(-0.4, 1) over noise time has mean noise level < 0.5: fewflow times lean to data
     s, t = TimePairSampler.logit_normal().sample(20000, generator=gen)
     assert float(torch.cat([s, t]).mean()) > 0.55
     # CIFAR v1: the end time (paper's r) sits close to data

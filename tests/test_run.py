@@ -29,7 +29,9 @@ from fewflow.run import (
 
 
 def test_round_trip_dict_and_json(tmp_path):
-    cfg = default_config("moons").replace({"objective.coupling": "ot", "train.steps": 123, "model.hidden": 64})
+    cfg = default_config("moons").replace(
+        {"objective.coupling": "ot", "train.steps": 123, "model.hidden": 64}
+    )
     d = cfg.to_dict()
     again = RunConfig.from_dict(json.loads(json.dumps(d)))
     assert again == cfg
@@ -143,9 +145,13 @@ def test_builders_make_library_objects():
     assert model.config["dim"] == 2 and model.config["hidden"] == 32
     assert isinstance(build_objective(cfg, data), CFMLoss)
     assert isinstance(build_coupling(cfg.replace({"objective.coupling": "ot"})), ExactOTCoupling)
-    sk = build_coupling(cfg.replace({"objective.coupling": "sinkhorn", "objective.coupling_kwargs": {"reg": 0.2}}))
+    sk = build_coupling(
+        cfg.replace({"objective.coupling": "sinkhorn", "objective.coupling_kwargs": {"reg": 0.2}})
+    )
     assert isinstance(sk, SinkhornCoupling)
-    assert isinstance(build_time_sampler(cfg.replace({"objective.time_sampler": "logit_normal"})), LogitNormalTime)
+    assert isinstance(
+        build_time_sampler(cfg.replace({"objective.time_sampler": "logit_normal"})), LogitNormalTime
+    )
     shifted = cfg.replace({"objective.time_sampler": "shifted", "objective.time_kwargs": {"shift": 3.0}})
     assert isinstance(build_time_sampler(shifted), ShiftedTime)
     with pytest.raises(FewflowError, match="shift"):
@@ -231,7 +237,9 @@ def test_generate_conditional_labels_and_cfg():
             # the conditional velocity pushes along y; the null class (y = 3) gives 0
             return (y != 3).to(x)[:, None] * y.to(x)[:, None].expand_as(x) + 0 * self.p
 
-    cfg = default_config("gmm").replace({"objective.conditional": True, "meta": {"shape": [2], "num_classes": 3}})
+    cfg = default_config("gmm").replace(
+        {"objective.conditional": True, "meta": {"shape": [2], "num_classes": 3}}
+    )
     res = generate(Echo(), cfg, 4, nfe=1, label=2, generator=torch.Generator().manual_seed(0))
     x0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(res.x, x0 + 2.0)
@@ -240,3 +248,23 @@ def test_generate_conditional_labels_and_cfg():
     torch.testing.assert_close(res.x, x0 + 6.0)
     with pytest.raises(FewflowError, match="labels must lie"):
         generate(Echo(), cfg, 4, label=3)
+
+
+def test_image_grid_places_each_image(tmp_path):
+    from fewflow.plotting import image_grid, plot_metric_vs_nfe, plot_samples
+
+    imgs = torch.arange(5, dtype=torch.float32)[:, None, None, None].expand(5, 1, 3, 3) + 1
+    g = image_grid(imgs, nrow=3, pad=1)
+    assert g.shape == (2 * 4 + 1, 3 * 4 + 1, 1)
+    # image i sits at row i // 3, column i % 3; padding (and the empty sixth cell) takes the minimum value
+    for i in range(5):
+        r, c = divmod(i, 3)
+        assert (g[1 + 4 * r : 4 + 4 * r, 1 + 4 * c : 4 + 4 * c] == i + 1).all()
+    assert g[0, 0, 0] == 1 and (g[5:8, 9:12] == 1).all()
+    # flat 64-vectors are drawn as 8x8 images, 2-D points as a scatter; others are refused
+    assert plot_samples(torch.randn(16, 64), tmp_path / "d.png").stat().st_size > 0
+    assert plot_samples(torch.randn(100, 2), tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(FewflowError, match="cannot plot"):
+        plot_samples(torch.randn(4, 3), tmp_path / "x.png")
+    # MMD can be negative (unbiased): the plot falls back to a linear axis instead of failing
+    assert plot_metric_vs_nfe({"euler": {1: 0.1, 2: -0.01}}, tmp_path / "m.png", floor=-0.001).is_file()

@@ -46,7 +46,8 @@ def test_interval_splitting_identity_is_exact_for_the_gaussian_flow_map(gen):
     r = s + lam * (t - s)
     x_r = flow.flow_map(x, s, r)
     lhs = (t - s)[:, None] * flow.average_velocity(x, s, t)
-    rhs = (r - s)[:, None] * flow.average_velocity(x, s, r) + (t - r)[:, None] * flow.average_velocity(x_r, r, t)
+    rhs = (r - s)[:, None] * flow.average_velocity(x, s, r)
+    rhs = rhs + (t - r)[:, None] * flow.average_velocity(x_r, r, t)
     torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
 
 
@@ -82,7 +83,8 @@ def test_all_boundary_rows_is_exactly_cfm(gen):
     x0 = torch.randn(32, 3, generator=gen, dtype=torch.float64)
     x1 = torch.randn(32, 3, generator=gen, dtype=torch.float64) + 1.0
     t = torch.rand(32, generator=gen, dtype=torch.float64)
-    out = SplitMeanFlowLoss(reduction="mean").loss_at(model, x0, x1, t, t, torch.rand(32, dtype=torch.float64))
+    lam = torch.rand(32, dtype=torch.float64)
+    out = SplitMeanFlowLoss(reduction="mean").loss_at(model, x0, x1, t, t, lam)
 
     class Fixed:
         def sample(self, n, *, device=None, dtype=None, generator=None):
@@ -192,4 +194,4 @@ def test_two_step_splitmeanflow_beats_two_step_cfm_euler_on_moons():
         w_cfm = swd(xe + 0.5 * cfm(xe, h))  # 2-step Euler
         xm = x0 + 0.5 * smf(x0, z, h)
         w_smf = swd(xm + 0.5 * smf(xm, h, o))  # 2-NFE flow map
-    assert w_smf * 2.5 < w_cfm, (w_smf, w_cfm)
+    assert w_smf * 3 < w_cfm, (w_smf, w_cfm)

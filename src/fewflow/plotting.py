@@ -252,7 +252,9 @@ def plot_metric_vs_nfe(
     fig, ax = plt.subplots(figsize=(5, 3.5))
     all_y: list[float] = [] if floor is None else [float(floor)]
     for label, pts in curves.items():
-        items = sorted((int(k), float(v)) for k, v in pts.items() if v is not None and math.isfinite(float(v)))
+        items = sorted(
+            (int(k), float(v)) for k, v in pts.items() if v is not None and math.isfinite(float(v))
+        )
         if not items:
             continue
         xs, ys = zip(*items)

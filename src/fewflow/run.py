@@ -182,7 +182,9 @@ class RunConfig:
             )
         version = d.get("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
-            raise FewflowError(f"run config version {version!r} is not supported (this fewflow reads {CONFIG_VERSION})")
+            raise FewflowError(
+                f"run config version {version!r} is not supported (this fewflow reads {CONFIG_VERSION})"
+            )
         kw: dict[str, Any] = {}
         for name, sec_cls in _SECTIONS.items():
             sec = d.get(name, {})
@@ -194,7 +196,8 @@ class RunConfig:
             bad = set(sec) - sec_known
             if bad:
                 raise FewflowError(
-                    f"unknown key(s) {sorted(bad)} in section {name!r}; valid keys: {', '.join(sorted(sec_known))}"
+                    f"unknown key(s) {sorted(bad)} in section {name!r}; "
+                    f"valid keys: {', '.join(sorted(sec_known))}"
                 )
             kw[name] = sec_cls(**copy.deepcopy(dict(sec)))
         model = d.get("model", None)
@@ -297,7 +300,7 @@ class RunConfig:
 
 
 def model_type(name: str) -> str:
-    """Canonical model type name (``"mlp"`` -> ``"MLP"``, ``"unet"`` -> ``"UNet"``, ``"dit"`` -> ``"DiT"``)."""
+    """Canonical model type (``"mlp"`` -> ``"MLP"``, ``"unet"`` -> ``"UNet"``, ``"dit"`` -> ``"DiT"``)."""
     key = str(name).lower()
     if key not in MODEL_TYPES:
         raise unknown_name("model type", str(name), MODEL_TYPES.values())
@@ -326,7 +329,9 @@ def _check_train_keys(train: Mapping[str, Any]) -> None:
         return
     bad = set(train) - names
     if bad:
-        raise FewflowError(f"unknown key(s) {sorted(bad)} in section 'train'; valid keys: {', '.join(sorted(names))}")
+        raise FewflowError(
+            f"unknown key(s) {sorted(bad)} in section 'train'; valid keys: {', '.join(sorted(names))}"
+        )
 
 
 def default_config(name: str) -> RunConfig:
@@ -496,13 +501,17 @@ def resolve_model_config(cfg: RunConfig, data: Any | None = None) -> dict[str, A
         m.setdefault("dim", int(math.prod(shape)))
     else:
         if len(shape) != 3 or shape[1] != shape[2]:
-            raise FewflowError(f"model type {m['type']!r} needs square images (C, H, W), got data shape {tuple(shape)}")
+            raise FewflowError(
+                f"model type {m['type']!r} needs square images (C, H, W), got data shape {tuple(shape)}"
+            )
         m.setdefault("in_channels", int(shape[0]))
         m.setdefault("size", int(shape[1]))
     if cfg.objective.conditional:
         k = meta.get("num_classes")
         if not k:
-            raise FewflowError(f"data set {cfg.data.name!r} has no class labels; cannot train a conditional model")
+            raise FewflowError(
+                f"data set {cfg.data.name!r} has no class labels; cannot train a conditional model"
+            )
         m.setdefault("num_classes", int(k))
     if get_method(cfg.objective.method).flow_map:
         m.setdefault("flow_map", True)
@@ -532,14 +541,17 @@ def build_path(cfg: RunConfig) -> Any:
 def build_source(cfg: RunConfig, data: Any | None = None) -> Any:
     """The source distribution x0, or ``None`` for the standard Gaussian N(0, I) (what every objective
     and :func:`generate` use by default). ``gaussian`` with ``scale``: ``GaussianSource(shape, scale)``;
-    ``norm_aligned``: ``NormAlignedGaussian.fit(data.x)`` (Gaussian scaled so its mean norm matches the data's)."""
+    ``norm_aligned``: ``NormAlignedGaussian.fit(data.x)`` (Gaussian scaled so that its mean norm
+    matches the data's)."""
     name, kw = cfg.objective.source, dict(cfg.objective.source_kwargs)
     if name == "gaussian" and not kw:
         return None
     from fewflow.sources import GaussianSource, NormAlignedGaussian
 
     if name == "gaussian":
-        return _construct(lambda **k: GaussianSource(tuple(_meta(cfg, data)["shape"]), **k), kw, "source 'gaussian'")
+        return _construct(
+            lambda **k: GaussianSource(tuple(_meta(cfg, data)["shape"]), **k), kw, "source 'gaussian'"
+        )
     if name == "norm_aligned":
         if data is None:
             data = build_data(cfg)
@@ -548,7 +560,12 @@ def build_source(cfg: RunConfig, data: Any | None = None) -> Any:
 
 
 def draw_source(
-    source: Any | None, cfg: RunConfig, n: int, *, device: torch.device, dtype: torch.dtype,
+    source: Any | None,
+    cfg: RunConfig,
+    n: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """``n`` source samples x0 of the run's data shape (``None`` source: standard normal)."""
@@ -636,7 +653,8 @@ register_method("cfm", _build_cfm, description="conditional flow matching (Lipma
 
 
 def build_grid(kind: str, steps: int, **kw: Any) -> Tensor:
-    """A time grid of ``steps`` steps from 0 to 1: ``uniform``, ``shift`` (``shift=``) or ``edm`` (``rho=``)."""
+    """A time grid of ``steps`` steps from 0 to 1: ``uniform``, ``shift`` (``shift=``) or ``edm``
+    (``rho=``)."""
     from fewflow.solvers import edm_grid, shifted_grid, uniform_grid
 
     if not _is_int(steps) or steps < 1:
@@ -743,7 +761,9 @@ def generate(
         else:
             y = torch.full((n,), int(label), device=x0.device, dtype=torch.long)
         if bool(((y < 0) | (y >= k)).any()):
-            raise FewflowError(f"labels must lie in [0, {k - 1}] for this run, got {sorted(set(y.tolist()))[:5]}")
+            raise FewflowError(
+                f"labels must lie in [0, {k - 1}] for this run, got {sorted(set(y.tolist()))[:5]}"
+            )
         cond["y"] = y
         if scale != 1.0:
             from fewflow.guidance import CFG
@@ -752,7 +772,9 @@ def generate(
     elif label is not None:
         raise FewflowError("this run is unconditional; --label needs a class-conditional run")
     elif scale != 1.0:
-        raise FewflowError("this run is unconditional; classifier-free guidance (--cfg) needs a conditional run")
+        raise FewflowError(
+            "this run is unconditional; classifier-free guidance (--cfg) needs a conditional run"
+        )
     with torch.no_grad():
         return solve(
             f,
@@ -805,9 +827,13 @@ def _figures_after_training(model: Any, cfg: RunConfig, out_dir: Path, data: Any
     n = 2000 if shape == [2] else 64
     res = generate(model, cfg, n, generator=gen, trajectory=shape == [2], source=build_source(cfg, data))
     vr = cfg.meta.get("value_range")
-    plot_samples(res.x, out_dir / "samples.png", reference=data.x[:n] if shape == [2] else None,
-                 value_range=tuple(vr) if (vr and len(shape) == 3) else None,
-                 title=f"{cfg.data.name}, {cfg.objective.method}: {cfg.sampler.stepper} NFE {res.nfe}")
+    plot_samples(
+        res.x,
+        out_dir / "samples.png",
+        reference=data.x[:n] if shape == [2] else None,
+        value_range=tuple(vr) if (vr and len(shape) == 3) else None,
+        title=f"{cfg.data.name}, {cfg.objective.method}: {cfg.sampler.stepper} NFE {res.nfe}",
+    )
     if res.trajectory is not None:
         plot_trajectories(res.trajectory, out_dir / "trajectories.png", reference=data.x[:n])
 
@@ -853,7 +879,9 @@ def train_run(
     return result
 
 
-def load_run(run_dir: str | Path, which: str = "ema", device: str | torch.device | None = None) -> tuple[Any, RunConfig]:
+def load_run(
+    run_dir: str | Path, which: str = "ema", device: str | torch.device | None = None
+) -> tuple[Any, RunConfig]:
     """Load a trained run: ``(model in eval mode, RunConfig)``; any problem (missing folder, corrupt
     checkpoint, a config that describes another model) becomes one :class:`FewflowError`."""
     run_dir = Path(run_dir)

@@ -12,6 +12,7 @@ returns ``(n, *shape)``, ``sample_like(x1, generator=None)`` matches a data batc
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -121,7 +122,7 @@ class GaussianSource:
 
 
 class _fit_method:
-    """Descriptor: ``Cls.fit(data)`` builds and fits a new instance; ``obj.fit(data)`` fits ``obj``."""
+    """``Cls.fit(data, **kw)`` builds ``Cls(**kw)`` and fits it; ``obj.fit(data)`` re-fits ``obj``."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -129,8 +130,12 @@ class _fit_method:
 
     def __get__(self, obj, cls):
         if obj is None:
-            return lambda data, **kw: self.fn(cls(**kw), data)
-        return lambda data: self.fn(obj, data)
+            @functools.wraps(self.fn)
+            def build_and_fit(data, **kw):
+                return self.fn(cls(**kw), data)
+
+            return build_and_fit
+        return functools.partial(self.fn, obj)
 
 
 class NormAlignedGaussian(GaussianSource):
@@ -156,7 +161,11 @@ class NormAlignedGaussian(GaussianSource):
 
     @_fit_method
     def fit(self, data: Tensor) -> NormAlignedGaussian:
-        """Set ``shape`` (if unset) and ``scale = mean ||x1|| / E||N(0, I_d)||`` from data (N, ...)."""
+        """Set ``shape`` (if unset) and ``scale = mean ||x1|| / E||N(0, I_d)||`` from data (N, ...).
+
+        Called on the class, ``NormAlignedGaussian.fit(data, **kw)`` builds ``NormAlignedGaussian(**kw)``
+        first; called on an instance it re-fits that instance. Returns the fitted source.
+        """
         data = getattr(data, "x", data)  # accept a fewflow.data.Dataset
         if not torch.is_tensor(data) or data.dim() < 2 or data.shape[0] == 0:
             raise FewflowError("NormAlignedGaussian.fit needs a non-empty batched data tensor (N, ...)")

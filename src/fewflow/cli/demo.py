@@ -86,11 +86,19 @@ def _train_checkerboard(ctx: DemoContext) -> None:
     from fewflow.run import default_config, train_run
 
     s = ctx.settings
-    cfg = default_config("checkerboard").replace({
-        "train.steps": s["steps"], "train.batch_size": s["batch_size"], "train.lr": s["lr"],
-        "train.schedule": "cosine", "train.warmup": min(200, s["steps"] // 10), "train.ckpt_every": 0,
-        "train.log_every": max(1, s["steps"] // 20), "train.device": "cpu", "model.hidden": s["hidden"],
-    })
+    cfg = default_config("checkerboard").replace(
+        {
+            "train.steps": s["steps"],
+            "train.batch_size": s["batch_size"],
+            "train.lr": s["lr"],
+            "train.schedule": "cosine",
+            "train.warmup": min(200, s["steps"] // 10),
+            "train.ckpt_every": 0,
+            "train.log_every": max(1, s["steps"] // 20),
+            "train.device": "cpu",
+            "model.hidden": s["hidden"],
+        }
+    )
     run_dir = ctx.out / "runs" / "checkerboard-cfm"
     if run_dir.exists():
         import shutil
@@ -99,8 +107,12 @@ def _train_checkerboard(ctx: DemoContext) -> None:
     t0 = time.perf_counter()
     res = train_run(cfg, run_dir, figures=False)
     ctx.runs["checkerboard"] = run_dir
-    ctx.results["checkerboard_train"] = {"steps": res.step, "last_loss": res.last_loss,
-                                         "seconds": time.perf_counter() - t0, "run_dir": str(run_dir)}
+    ctx.results["checkerboard_train"] = {
+        "steps": res.step,
+        "last_loss": res.last_loss,
+        "seconds": time.perf_counter() - t0,
+        "run_dir": str(run_dir),
+    }
     ctx.log(f"  trained {res.step} steps in {time.perf_counter() - t0:.1f} s (last loss {res.last_loss:.4f})")
 
 
@@ -114,37 +126,65 @@ def _eval_checkerboard(ctx: DemoContext) -> None:
     run_dir = ctx.runs["checkerboard"]
     model, cfg = load_run(run_dir)
     samples: dict[tuple[str, int], Any] = {}
-    rep = evaluate_run(model, cfg, NFES, SOLVERS, n=ctx.settings["n_eval"], seed=0, log=ctx.log, samples=samples)
+    rep = evaluate_run(
+        model, cfg, NFES, SOLVERS, n=ctx.settings["n_eval"], seed=0, log=ctx.log, samples=samples
+    )
     ctx.results["checkerboard"] = rep
     floor = rep["floor"]["sliced_w2"]
     ref = build_data(cfg, n=3000, seed=123).x
 
     # samples per NFE (Euler and Heun; the evaluation's samples, same noise for every panel)
     panels = {f"{solver} NFE {nfe}": x for (solver, nfe), x in samples.items()}
-    ctx.plots.append(str(plot_scatter_panels(panels, ctx.out / "checkerboard_samples.png", reference=ref,
-                                             ncols=len(NFES))))
-    res = generate(model, cfg, 300, nfe=100, stepper="euler", trajectory=True,
-                   generator=torch.Generator().manual_seed(2))
-    ctx.plots.append(str(plot_trajectories(res.trajectory, ctx.out / "checkerboard_trajectories.png",
-                                           reference=ref, title="Euler, 100 steps")))
+    ctx.plots.append(
+        str(plot_scatter_panels(panels, ctx.out / "checkerboard_samples.png", reference=ref, ncols=len(NFES)))
+    )
+    res = generate(
+        model, cfg, 300, nfe=100, stepper="euler", trajectory=True, generator=torch.Generator().manual_seed(2)
+    )
+    ctx.plots.append(
+        str(
+            plot_trajectories(
+                res.trajectory,
+                ctx.out / "checkerboard_trajectories.png",
+                reference=ref,
+                title="Euler, 100 steps",
+            )
+        )
+    )
     curves = {s: {r["nfe"]: r["sliced_w2"] for r in rep["results"] if r["solver"] == s} for s in SOLVERS}
-    ctx.plots.append(str(plot_metric_vs_nfe(curves, ctx.out / "checkerboard_sw2_vs_nfe.png", metric="sliced-W2",
-                                            floor=floor, title="checkerboard, CFM")))
+    ctx.plots.append(
+        str(
+            plot_metric_vs_nfe(
+                curves,
+                ctx.out / "checkerboard_sw2_vs_nfe.png",
+                metric="sliced-W2",
+                floor=floor,
+                title="checkerboard, CFM",
+            )
+        )
+    )
 
     row = next(r for r in rep["results"] if r["solver"] == "euler" and r["nfe"] == 100)
     ratio = row["sliced_w2"] / floor
     ok = ratio <= FLOOR_FACTOR
-    ctx.results["checkerboard_check"] = {"euler_nfe100_sliced_w2": row["sliced_w2"], "floor": floor,
-                                         "ratio": ratio, "target": FLOOR_FACTOR, "pass": ok}
+    ctx.results["checkerboard_check"] = {
+        "euler_nfe100_sliced_w2": row["sliced_w2"],
+        "floor": floor,
+        "ratio": ratio,
+        "target": FLOOR_FACTOR,
+        "pass": ok,
+    }
     tr = ctx.results["checkerboard_train"]
     ctx.sections.append(
         "## Checkerboard: conditional flow matching\n\n"
-        f"MLP 4x{ctx.settings['hidden']}, {tr['steps']} steps ({tr['seconds']:.0f} s), evaluated on {rep['n']} samples against "
+        f"MLP 4x{ctx.settings['hidden']}, {tr['steps']} steps ({tr['seconds']:.0f} s), evaluated on "
+        f"{rep['n']} samples against "
         f"{rep['n']} fresh data points. The two-sample floor is the same metric between two independent data "
         "draws of that size.\n\n" + format_table(rep) + "\n\n"
         f"**Check:** Euler at NFE 100 reaches sliced-W2 {row['sliced_w2']:.4f} = {ratio:.2f} x the floor "
         f"({floor:.4f}); target <= {FLOOR_FACTOR:.0f}x: **{'PASS' if ok else 'FAIL'}**"
-        + (" (quick mode: too few steps to expect a pass)" if ctx.quick and not ok else "") + ".\n\n"
+        + (" (quick mode: too few steps to expect a pass)" if ctx.quick and not ok else "")
+        + ".\n\n"
         "![samples](checkerboard_samples.png)\n\n![sliced-W2 vs NFE](checkerboard_sw2_vs_nfe.png)\n\n"
         "![trajectories](checkerboard_trajectories.png)\n"
     )
@@ -164,8 +204,14 @@ def _digits(ctx: DemoContext) -> None:
     from fewflow.run import default_config, generate, load_run, train_run
 
     steps = ctx.settings["digits_steps"]
-    cfg = default_config("digits").replace({"train.steps": steps, "train.ckpt_every": 0, "train.device": "cpu",
-                                            "train.log_every": max(1, steps // 20)})
+    cfg = default_config("digits").replace(
+        {
+            "train.steps": steps,
+            "train.ckpt_every": 0,
+            "train.device": "cpu",
+            "train.log_every": max(1, steps // 20),
+        }
+    )
     run_dir = ctx.out / "runs" / "digits-cfm"
     t0 = time.perf_counter()
     res = train_run(cfg, run_dir, figures=False)
@@ -173,14 +219,18 @@ def _digits(ctx: DemoContext) -> None:
     y = torch.arange(100) % 10
     rows = {}
     for nfe in (2, 8, 32):
-        x = generate(model, cfg, 100, nfe=nfe, stepper="euler", label=y, generator=torch.Generator().manual_seed(0)).x
+        x = generate(
+            model, cfg, 100, nfe=nfe, stepper="euler", label=y, generator=torch.Generator().manual_seed(0)
+        ).x
         name = f"digits_nfe{nfe}.png"
         plot_images(x, ctx.out / name, value_range=(-1.0, 1.0), nrow=10, title=f"Euler NFE {nfe}")
         ctx.plots.append(str(ctx.out / name))
         rows[nfe] = name
     ctx.results["digits_train"] = {"steps": res.step, "seconds": time.perf_counter() - t0}
     ctx.sections.append(
-        "## Digits 8x8: class-conditional CFM\n\n" + "\n\n".join(f"NFE {k}: ![]({v})" for k, v in rows.items()) + "\n"
+        "## Digits 8x8: class-conditional CFM\n\n"
+        + "\n\n".join(f"NFE {k}: ![]({v})" for k, v in rows.items())
+        + "\n"
     )
 
 
@@ -198,7 +248,8 @@ def run_demo(
     steps: int | None = None,
     n_eval: int | None = None,
 ) -> Path:
-    """Run every enabled stage, then write ``out/report.md`` and ``out/metrics.json``; return the report path."""
+    """Run every enabled stage, then write ``out/report.md`` and ``out/metrics.json``; return the
+    report's path."""
     settings = dict(QUICK if quick else FULL)
     if steps is not None:
         if steps < 1:
@@ -227,7 +278,8 @@ def run_demo(
     report = out / "report.md"
     report.write_text(
         "# fewflow demo\n\n"
-        f"{'Quick' if quick else 'Full'} run, {total:.0f} s in total. Time runs from t = 0 (Gaussian noise) to "
+        f"{'Quick' if quick else 'Full'} run, {total:.0f} s in total. "
+        "Time runs from t = 0 (Gaussian noise) to "
         "t = 1 (data); NFE = number of network evaluations per sample. Lower is better for every metric; "
         "`/ floor` = 1 means indistinguishable from real data at this sample size.\n\n"
         + "\n".join(ctx.sections)

@@ -49,7 +49,9 @@ def _image_metrics() -> dict[str, Callable[[torch.Tensor, torch.Tensor], float]]
     try:
         from fewflow.metrics import fd_digits
     except ImportError as e:  # the metrics layer may not ship it yet
-        raise FewflowError(f"image metrics need fewflow.metrics.fd_digits, which is not available ({e})") from None
+        raise FewflowError(
+            f"image metrics need fewflow.metrics.fd_digits, which is not available ({e})"
+        ) from None
     return {"fd_digits": lambda a, b: float(fd_digits(a, b))}
 
 
@@ -134,8 +136,19 @@ def evaluate_run(
                 k = int(cfg.meta.get("num_classes") or 0)
                 label = torch.arange(n) % k
             t0 = time.perf_counter()
-            res = generate(model, cfg, n, nfe=int(nfe), stepper=stepper, grid=grid, label=label, source=source,
-                           generator=gen, trajectory=is_vec, progress=progress)
+            res = generate(
+                model,
+                cfg,
+                n,
+                nfe=int(nfe),
+                stepper=stepper,
+                grid=grid,
+                label=label,
+                source=source,
+                generator=gen,
+                trajectory=is_vec,
+                progress=progress,
+            )
             wall = time.perf_counter() - t0
             x = res.x.detach().to("cpu", torch.float32)
             if samples is not None:
@@ -149,8 +162,10 @@ def evaluate_run(
             row["straightness"] = _straightness(res.trajectory, res.times)
             row["wall_time_s"] = wall
             rows.append(row)
-            say(f"  {stepper:>6} NFE {res.nfe:>3}: {primary} {row[primary]:.4g} (x{row['ratio']:.2f} floor), "
-                f"{wall:.2f} s")
+            say(
+                f"  {stepper:>6} NFE {res.nfe:>3}: {primary} {row[primary]:.4g} (x{row['ratio']:.2f} floor), "
+                f"{wall:.2f} s"
+            )
     if not rows:
         raise FewflowError(f"no (solver, NFE) pair could run: solvers {steppers}, NFE {list(nfes)}")
     return {
@@ -167,8 +182,11 @@ def evaluate_run(
 def format_table(report: dict[str, Any]) -> str:
     """A Markdown table of :func:`evaluate_run`'s result, with the floor as the last row."""
     names = list(report["metrics"])
-    extra = [k for k in ("classifier_accuracy", "straightness", "wall_time_s") if any(
-        r.get(k) is not None for r in report["results"])]
+    extra = [
+        k
+        for k in ("classifier_accuracy", "straightness", "wall_time_s")
+        if any(r.get(k) is not None for r in report["results"])
+    ]
     head = ["solver", "NFE", *names, f"{report['primary']} / floor", *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 

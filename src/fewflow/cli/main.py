@@ -33,8 +33,13 @@ def _first_line(e: BaseException) -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the input is wrong" rather than "fewflow has a bug"."""
-    errs: list[type[BaseException]] = [FewflowError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                       PermissionError]
+    errs: list[type[BaseException]] = [
+        FewflowError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ]
     try:
         from safetensors import SafetensorError
 
@@ -54,13 +59,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 class FewflowGroup(click.Group):
     """A click group whose ``main`` turns every error into one ``error: ...`` line and an exit code."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv[: _first_command_index(argv, self)] or os.environ.get("FEWFLOW_DEBUG") == "1"
+        debug = (
+            "--debug" in argv[: _first_command_index(argv, self)] or os.environ.get("FEWFLOW_DEBUG") == "1"
+        )
         try:
-            return super().main(args=argv, prog_name=prog_name or "fewflow", complete_var=complete_var,
-                                standalone_mode=False, **extra)
+            return super().main(
+                args=argv,
+                prog_name=prog_name or "fewflow",
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.Abort:
@@ -124,7 +142,9 @@ def _parse_int_list(text: str, what: str) -> list[int]:
     try:
         vals = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=what) from None
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint=what
+        ) from None
     if not vals or any(v < 1 for v in vals):
         raise click.BadParameter(f"expected positive integers, got {text!r}", param_hint=what)
     return vals
@@ -144,7 +164,9 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- the group
 
 
-@click.group(cls=FewflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=FewflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(package_name="fewflow", prog_name="fewflow")
 def cli(debug: bool) -> None:
@@ -166,12 +188,22 @@ def cli(debug: bool) -> None:
 
 
 @cli.command("train")
-@click.option("--data", "data", default=None, help="Data set: 8gaussians, moons, checkerboard, spirals, rings, gmm, "
-              "digits, mnist.  [default: checkerboard, or the config's]")
+@click.option(
+    "--data",
+    "data",
+    default=None,
+    help="Data set: 8gaussians, moons, checkerboard, spirals, rings, gmm, "
+    "digits, mnist.  [default: checkerboard, or the config's]",
+)
 @click.option("--method", default=None, help="Training method (registered in fewflow.run).  [default: cfm]")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="A JSON or YAML run config (as written to RUN/config.json); flags override it.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A JSON or YAML run config (as written to RUN/config.json); flags override it.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps in total.")
 @click.option("--batch-size", type=int, default=None, help="Batch size.")
@@ -182,18 +214,46 @@ def cli(debug: bool) -> None:
 @click.option("--source", default=None, help="gaussian | norm_aligned.")
 @click.option("--model", "model_kind", default=None, help="Network: mlp | unet | dit.")
 @click.option("--conditional/--unconditional", default=None, help="Class-conditional training (labels y).")
-@click.option("--label-dropout", type=float, default=None, help="Drop labels with this probability (for CFG).")
+@click.option(
+    "--label-dropout", type=float, default=None, help="Drop labels with this probability (for CFG)."
+)
 @click.option("--n", "n_data", type=int, default=None, help="Number of training samples to load/draw.")
 @click.option("--seed", type=int, default=None, help="Seed for data order, init and the objective.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:1 ...")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Set any config entry by dotted key, e.g. --set model.hidden=128 --set train.ema_decay=0.99.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set any config entry by dotted key, e.g. --set model.hidden=128 --set train.ema_decay=0.99.",
+)
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is).")
 @click.option("--no-progress", is_flag=True, help="No tqdm bar.")
 @click.option("--force", is_flag=True, help="Start afresh even if --out already holds a run.")
-def train_cmd(data, method, out, config_file, resume, steps, batch_size, lr, coupling, schedule, time_sampler,
-              source, model_kind, conditional, label_dropout, n_data, seed, device, sets, threads,
-              no_progress, force) -> None:
+def train_cmd(
+    data,
+    method,
+    out,
+    config_file,
+    resume,
+    steps,
+    batch_size,
+    lr,
+    coupling,
+    schedule,
+    time_sampler,
+    source,
+    model_kind,
+    conditional,
+    label_dropout,
+    n_data,
+    seed,
+    device,
+    sets,
+    threads,
+    no_progress,
+    force,
+) -> None:
     """Train a model and write a run folder: config.json, checkpoints, log.csv, samples.png.
 
     \b
@@ -240,11 +300,15 @@ def train_cmd(data, method, out, config_file, resume, steps, batch_size, lr, cou
         changed = sorted(set(flags) - allowed)
         if changed or data or config_file:
             extra = changed + (["--data"] if data else []) + (["--config"] if config_file else [])
-            raise FewflowError(f"--resume continues {out_dir} with its own config; cannot change {', '.join(extra)}")
+            raise FewflowError(
+                f"--resume continues {out_dir} with its own config; cannot change {', '.join(extra)}"
+            )
         cfg = cfg.replace(flags)
     else:
         if (out_dir / "config.json").exists() and not force:
-            raise FewflowError(f"{out_dir} already holds a run; use --resume to continue it or --force to overwrite")
+            raise FewflowError(
+                f"{out_dir} already holds a run; use --resume to continue it or --force to overwrite"
+            )
         if config_file:
             raw = read_config(config_file)
             raw = raw.get("run_config", raw)  # accept a run folder's config.json as well
@@ -275,8 +339,13 @@ def _deep_update(base: dict, new: dict) -> None:
     from fewflow.run import model_type
 
     for k, v in new.items():
-        if k == "model" and isinstance(v, dict) and "type" in v and isinstance(base.get(k), dict) \
-                and model_type(v["type"]) != model_type(base[k].get("type", "MLP")):
+        if (
+            k == "model"
+            and isinstance(v, dict)
+            and "type" in v
+            and isinstance(base.get(k), dict)
+            and model_type(v["type"]) != model_type(base[k].get("type", "MLP"))
+        ):
             base[k] = dict(v)
         elif isinstance(v, dict) and isinstance(base.get(k), dict):
             _deep_update(base[k], v)
@@ -289,21 +358,37 @@ def _deep_update(base: dict, new: dict) -> None:
 
 @cli.command("sample")
 @click.argument("run_dir", type=click.Path())
-@click.option("--nfe", type=int, default=None, help="Model evaluations (Euler: steps; Heun/midpoint: 2 per step).")
+@click.option(
+    "--nfe", type=int, default=None, help="Model evaluations (Euler: steps; Heun/midpoint: 2 per step)."
+)
 @click.option("--solver", default=None, help="euler | midpoint | heun | rk4.  [default: the run's]")
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True,
-              help="Output file: .npy, .pt, or .png (scatter for 2-D, image grid otherwise).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Output file: .npy, .pt, or .png (scatter for 2-D, image grid otherwise).",
+)
 @click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm.")
 @click.option("--shift", type=float, default=None, help="Shift factor for --schedule shift (default 3).")
-@click.option("--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale (1 = off).")
+@click.option(
+    "--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale (1 = off)."
+)
 @click.option("--label", type=int, default=None, help="Class label for a conditional run (default: random).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the source noise.")
-@click.option("--which", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
-              help="EMA or raw weights.")
+@click.option(
+    "--which",
+    type=click.Choice(["ema", "model"]),
+    default="ema",
+    show_default=True,
+    help="EMA or raw weights.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Device to sample on.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
-def sample_cmd(run_dir, nfe, solver, n, out, grid, shift, cfg_scale, label, seed, which, device, threads) -> None:
+def sample_cmd(
+    run_dir, nfe, solver, n, out, grid, shift, cfg_scale, label, seed, which, device, threads
+) -> None:
     """Draw samples from a trained run.
 
     \b
@@ -328,8 +413,18 @@ def sample_cmd(run_dir, nfe, solver, n, out, grid, shift, cfg_scale, label, seed
     if shift is not None:
         gkw["shift"] = shift
     gen = torch.Generator(device=device).manual_seed(seed)
-    res = generate(model, cfg, n, nfe=nfe, stepper=solver, grid=grid, grid_kwargs=gkw, cfg_scale=cfg_scale,
-                   label=label, generator=gen)
+    res = generate(
+        model,
+        cfg,
+        n,
+        nfe=nfe,
+        stepper=solver,
+        grid=grid,
+        grid_kwargs=gkw,
+        cfg_scale=cfg_scale,
+        label=label,
+        generator=gen,
+    )
     x = res.x.detach().cpu()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
@@ -342,8 +437,12 @@ def sample_cmd(run_dir, nfe, solver, n, out, grid, shift, cfg_scale, label, seed
         from fewflow.plotting import plot_samples
 
         vr = cfg.meta.get("value_range")
-        plot_samples(x, out_path, value_range=tuple(vr) if vr and len(cfg.meta.get("shape", [])) == 3 else None,
-                     title=f"{cfg.data.name}: NFE {res.nfe}")
+        plot_samples(
+            x,
+            out_path,
+            value_range=tuple(vr) if vr and len(cfg.meta.get("shape", [])) == 3 else None,
+            title=f"{cfg.data.name}: NFE {res.nfe}",
+        )
     _say(f"{n} samples, NFE {res.nfe} -> {out_path}")
     click.echo(str(out_path))
 
@@ -354,10 +453,16 @@ def sample_cmd(run_dir, nfe, solver, n, out, grid, shift, cfg_scale, label, seed
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path())
 @click.option("--nfe", "nfe", default="1,2,4,8,100", show_default=True, help="Comma-separated NFE budgets.")
-@click.option("--solver", default=None, help="Comma-separated steppers, e.g. euler,heun.  [default: the run's]")
+@click.option(
+    "--solver", default=None, help="Comma-separated steppers, e.g. euler,heun.  [default: the run's]"
+)
 @click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm.")
-@click.option("--n", "n", type=int, default=None, help="Samples per evaluation (default: 2-D 10000, images 2000).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the source noise and projections.")
+@click.option(
+    "--n", "n", type=int, default=None, help="Samples per evaluation (default: 2-D 10000, images 2000)."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the source noise and projections."
+)
 @click.option("--which", type=click.Choice(["ema", "model"]), default="ema", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print ONE JSON object (else a table).")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
@@ -382,8 +487,9 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
     nfes = _parse_int_list(nfe, "--nfe")
     solvers = [s for s in (solver or "").split(",") if s] or None
     model, cfg = load_run(run_dir, which=which, device=device)
-    report = evaluate_run(model, cfg, nfes=nfes, steppers=solvers, grid=grid, n=n, seed=seed,
-                          progress=not as_json)
+    report = evaluate_run(
+        model, cfg, nfes=nfes, steppers=solvers, grid=grid, n=n, seed=seed, progress=not as_json
+    )
     report["run"] = str(run_dir)
     text = json.dumps(report, indent=None if as_json else 2, sort_keys=False)
     if out:
@@ -400,8 +506,12 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
 
 @cli.command("fetch")
 @click.argument("name", type=click.Choice(["mnist"]))
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Where to keep the data (default: $FEWFLOW_CACHE or ~/.cache/fewflow).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to keep the data (default: $FEWFLOW_CACHE or ~/.cache/fewflow).",
+)
 @click.option("--force", is_flag=True, help="Download again even if a verified copy is cached.")
 def fetch_cmd(name, cache_dir, force) -> None:
     """Download a data set once (checksum-verified) into the cache.
@@ -421,13 +531,25 @@ def fetch_cmd(name, cache_dir, force) -> None:
 
 
 @cli.command("demo")
-@click.option("--out", "out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
-              help="Folder for report.md, metrics.json, plots and the trained run.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False),
+    default="demo_out",
+    show_default=True,
+    help="Folder for report.md, metrics.json, plots and the trained run.",
+)
 @click.option("--quick", is_flag=True, help="A much smaller run (about 30 s) for smoke tests.")
-@click.option("--digits/--no-digits", default=False, show_default=True,
-              help="Also train a class-conditional model on 8x8 digits (adds about a minute).")
+@click.option(
+    "--digits/--no-digits",
+    default=False,
+    show_default=True,
+    help="Also train a class-conditional model on 8x8 digits (adds about a minute).",
+)
 @click.option("--steps", type=int, default=None, hidden=True, help="Override the training steps (tests).")
-@click.option("--n-eval", type=int, default=None, hidden=True, help="Override samples per evaluation (tests).")
+@click.option(
+    "--n-eval", type=int, default=None, hidden=True, help="Override samples per evaluation (tests)."
+)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch.set_num_threads.")
 def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
     """Train a flow-matching model on a built-in data set and report quality vs NFE.

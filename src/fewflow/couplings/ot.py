@@ -36,6 +36,22 @@ def _assignment(cost: Tensor) -> Tensor:
     return torch.from_numpy(perm).long()
 
 
+def _emd_assignment(cost: Tensor) -> Tensor:
+    """The same optimal permutation via POT's network simplex (``ot.emd``), whose vertex solution for two
+    uniform batches of equal size is a permutation matrix; falls back to the assignment solver otherwise."""
+    import ot
+
+    b = cost.shape[0]
+    w = np.full(b, 1.0 / b)
+    plan = torch.from_numpy(np.asarray(ot.emd(w, w, cost.numpy())))
+    perm = plan.argmax(0)  # column j (x1_j) -> row (x0 index)
+    if not bool((torch.sort(perm).values == torch.arange(b)).all()) or not torch.allclose(
+        plan[perm, torch.arange(b)], torch.full((b,), 1.0 / b, dtype=plan.dtype)
+    ):
+        return _assignment(cost)
+    return perm.long()
+
+
 def _ot_diagnostics(cost: Tensor, perm: Tensor) -> dict[str, float]:
     idx = torch.arange(cost.shape[0])
     return {
@@ -53,25 +69,33 @@ class ExactOTCoupling(Coupling):
     mean pair cost before (``cost_independent``) and after (``cost_coupled``) the assignment.
 
     Paper: "Improving and generalizing flow-based generative models with minibatch optimal transport"
-    (Tong et al., 2024). ``linear_sum_assignment`` releases the GIL, so :class:`PrefetchCoupler` can run it
-    in a background thread while the network trains.
+    (Tong et al., 2024).
+
+    ``solver="lsa"`` (default): ``scipy.optimize.linear_sum_assignment``, which releases the GIL, so
+    :class:`PrefetchCoupler` can run it in a background thread while the network trains. ``solver="emd"``:
+    POT's network simplex (``ot.emd``, the solver torchcfm uses); same optimal cost, sometimes faster on
+    low-dimensional structured data (measured at B = 512: 2-D moons 39 ms vs 131 ms; 64-D Gaussians 55 ms
+    vs 26 ms) but it holds the GIL, so it does not overlap with training in a thread.
     """
 
-    def __init__(self, cost: str = "sqeuclidean") -> None:
+    def __init__(self, cost: str = "sqeuclidean", solver: str = "lsa") -> None:
         if cost not in ("sqeuclidean", "euclidean"):
             raise FewflowError(f"unknown cost {cost!r}; choose one of: euclidean, sqeuclidean")
+        if solver not in ("lsa", "emd"):
+            raise FewflowError(f"unknown exact OT solver {solver!r}; choose one of: emd, lsa")
         self.cost = cost
+        self.solver = solver
 
     def couple(
         self, x0: Tensor, x1: Tensor, *, y: Tensor | None, generator: torch.Generator | None
     ) -> CouplingResult:
         c = pairwise_cost(x0, x1, self.cost)
-        perm_cpu = _assignment(c)
+        perm_cpu = _assignment(c) if self.solver == "lsa" else _emd_assignment(c)
         perm = perm_cpu.to(x0.device)
         return CouplingResult(x0=x0[perm], x1=x1, perm=perm, y=y, diagnostics=_ot_diagnostics(c, perm_cpu))
 
     def __repr__(self) -> str:
-        return f"ExactOTCoupling(cost={self.cost!r})"
+        return f"ExactOTCoupling(cost={self.cost!r}, solver={self.solver!r})"
 
 
 class ClassConditionalOT(Coupling):

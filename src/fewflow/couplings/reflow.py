@@ -75,7 +75,9 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise FewflowError(f"{path} is not valid JSON: {exc}") from exc
     if man.get("format") != FORMAT:
-        raise FewflowError(f"{path} is not a reflow manifest (format {man.get('format')!r}, expected {FORMAT!r})")
+        raise FewflowError(
+            f"{path} is not a reflow manifest (format {man.get('format')!r}, expected {FORMAT!r})"
+        )
     return man
 
 
@@ -134,7 +136,9 @@ def generate_reflow_pairs(
         if isinstance(val, bool) or int(val) != val or val < 1:
             raise FewflowError(f"{name} must be a positive integer, got {val!r}")
     if not hasattr(source, "sample"):
-        raise FewflowError(f"source must have .sample(n, device=, dtype=, generator=), got {type(source).__name__}")
+        raise FewflowError(
+            f"source must have .sample(n, device=, dtype=, generator=), got {type(source).__name__}"
+        )
     if device is None:
         p = next(iter(teacher.parameters()), None) if hasattr(teacher, "parameters") else None
         device = p.device if p is not None else torch.device("cpu")
@@ -195,7 +199,9 @@ def generate_reflow_pairs(
         tensors.update({_COND + key: c.detach().cpu().contiguous() for key, c in cond.items()})
         final = out / shard_name(k)
         tmp = out / (shard_name(k) + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "shard": str(k)})
+        # one metadata key only: safetensors writes a metadata map in hash order, which would make the
+        # bytes (and the sha256) of identical shards differ between runs
+        save_file(tensors, str(tmp), metadata={"fewflow_reflow_shard": str(k)})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         digest = _sha256(tmp)
@@ -285,7 +291,9 @@ class ReflowPairs:
         except Exception as exc:  # noqa: BLE001 - the safetensors error types vary between versions
             raise FewflowError(f"shard {rec['file']} cannot be read as safetensors: {exc}") from exc
         if tensors["x0"].shape[0] != rec["count"]:
-            raise FewflowError(f"shard {rec['file']} holds {tensors['x0'].shape[0]} pairs, manifest says {rec['count']}")
+            raise FewflowError(
+                f"shard {rec['file']} holds {tensors['x0'].shape[0]} pairs, the manifest says {rec['count']}"
+            )
         return tensors
 
     def _perm(self, n: int) -> Tensor:

@@ -92,8 +92,9 @@ class _InterpolantLoss:
         x_minus = ps.x_t - 2.0 * gz
         cond2 = {k: (torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b else v)
                  for k, v in cond.items()}
-        out = model(torch.cat([ps.x_t, x_minus]), torch.cat([ps.t, ps.t]), **cond2)
-        check_same_shape("model output", out, "x_t", torch.cat([ps.x_t, x_minus]))
+        x_in = torch.cat([ps.x_t, x_minus])
+        out = model(x_in, torch.cat([ps.t, ps.t]), **cond2)
+        check_same_shape("model output", out, "x_t", x_in)
         return out, torch.cat([target_plus, target_minus])
 
 

@@ -93,7 +93,9 @@ class TimePairSampler:
     def __init__(self, start: TimeSampler, end: TimeSampler | None = None) -> None:
         for name, smp in (("start", start), ("end", end)):
             if smp is not None and not hasattr(smp, "sample"):
-                raise FewflowError(f"TimePairSampler {name} must have .sample(n, ...), got {type(smp).__name__}")
+                raise FewflowError(
+                    f"TimePairSampler {name} must have .sample(n, ...), got {type(smp).__name__}"
+                )
         self.start, self.end = start, end
 
     @classmethod
@@ -109,7 +111,8 @@ class TimePairSampler:
 
     @classmethod
     def meanflow_cifar(cls) -> TimePairSampler:
-        """py-meanflow CIFAR-10 v1: noise-time ``t ~ LN(-0.6, 1.6)``, ``r ~ LN(-4.0, 1.6)``, ``r = min(t, r)``."""
+        """py-meanflow CIFAR-10 v1: noise-time ``t ~ LN(-0.6, 1.6)``, ``r ~ LN(-4.0, 1.6)``,
+        ``r = min(t, r)``; here ``s ~ LN(0.6, 1.6)``, ``t' ~ LN(4.0, 1.6)``, ``t = max(s, t')``."""
         return cls(LogitNormalTime.from_noise_time(-0.6, 1.6), LogitNormalTime.from_noise_time(-4.0, 1.6))
 
     def sample(
@@ -164,7 +167,7 @@ def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _check_linear_path(path: Any, who: str) -> None:
-    """Accept ``None``/``"linear"`` or an affine path whose schedule is ``alpha_t = t``, ``sigma_t = 1 - t``."""
+    """Accept ``None``/``"linear"`` or an affine path with ``alpha_t = t``, ``sigma_t = 1 - t``."""
     if path is None or path == "linear":
         return
     sched = getattr(path, "schedule", path)
@@ -172,7 +175,7 @@ def _check_linear_path(path: Any, who: str) -> None:
         tt = torch.linspace(0.0, 1.0, 7, dtype=torch.float64)
         ok = torch.allclose(sched.alpha(tt), tt) and torch.allclose(sched.sigma(tt), 1.0 - tt)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a usable linear path"
-        raise FewflowError(f"{who} supports the linear path only; could not evaluate {path!r}: {exc}") from exc
+        raise FewflowError(f"{who} supports the linear path only; cannot evaluate {path!r}: {exc}") from exc
     if not ok:
         raise FewflowError(
             f"{who} supports the linear path only (x_t = t x1 + (1 - t) x0), got {path!r}; its identity "
@@ -237,7 +240,7 @@ def flow_map_jvp(
     cond: dict[str, Any] | None = None,
     mode: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """``(u, du)``: the flow-map prediction ``u(x, s, t)`` and its directional derivative along ``(dx, ds, dt)``.
+    """``(u, du)``: the flow-map prediction ``u(x, s, t)`` and its derivative along ``(dx, ds, dt)``.
 
     One forward-mode JVP (``torch.func.jvp``) of the closure ``(x, s, t) -> model(x, s, t, **cond)``, with
     autocast off and the math SDPA backend (fused attention kernels lack forward-mode AD). ``du`` is
@@ -314,8 +317,8 @@ class MeanFlowLoss:
         path: ``None``/``"linear"`` or an affine path with the linear schedule (others raise).
         source: a ``Source`` (``.sample_like(x1, generator=)``); default standard Gaussian noise.
         time_sampler: a :class:`TimePairSampler`; default ``TimePairSampler.logit_normal(0.4, 1.0)`` = the
-            paper's ImageNet logit-normal(-0.4, 1.0) over noise time. At toy scale ``TimePairSampler.uniform()``
-            trains the 1-step map far better (logit-normal rarely visits ``t ~ 1``).
+            paper's ImageNet logit-normal(-0.4, 1.0) over noise time. At toy scale
+            ``TimePairSampler.uniform()`` trains the 1-step map far better (logit-normal rarely visits t ~ 1).
         ratio: fraction of each batch with ``s != t`` (default 0.25, ImageNet config; CIFAR-10 uses 0.75).
             ``ratio = 0`` is plain conditional flow matching.
         adaptive_p, adaptive_c: adaptive loss weighting ``L / sg((L + c)^p)``; defaults 1.0 and 1e-3
@@ -352,7 +355,7 @@ class MeanFlowLoss:
         if not 0.0 <= ratio <= 1.0:
             raise FewflowError(f"ratio (fraction with s != t) must lie in [0, 1], got {ratio}")
         if adaptive_p < 0 or adaptive_c <= 0 or not math.isfinite(adaptive_p):
-            raise FewflowError(f"adaptive weighting needs p >= 0 and c > 0, got p={adaptive_p}, c={adaptive_c}")
+            raise FewflowError(f"adaptive weighting needs p >= 0, c > 0; got p={adaptive_p} c={adaptive_c}")
         if not 0.0 <= label_dropout < 1.0:
             raise FewflowError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         if omega is not None:

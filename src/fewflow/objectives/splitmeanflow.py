@@ -9,7 +9,8 @@ A flow-map model ``u(x, s, t)`` is the average velocity on ``[s, t]`` evaluated 
 
     (t - s) u(x_s, s, t) = (r - s) u(x_s, s, r) + (t - r) u(x_r, r, t),   x_r = x_s + (r - s) u(x_s, s, r).
 
-With ``r = s + lam (t - s)``, ``lam in [0, 1]``, this is ``u(x_s, s, t) = lam u(x_s, s, r) + (1 - lam) u(x_r, r, t)``.
+With ``r = s + lam (t - s)``, ``lam in [0, 1]``, this reads
+``u(x_s, s, t) = lam u(x_s, s, r) + (1 - lam) u(x_r, r, t)``.
 (Letting ``r -> s`` recovers the MeanFlow identity; the paper's Theorem.) Training regresses
 ``u_theta(x_s, s, t)`` on the stop-gradient right-hand side (both legs and ``x_r`` detached: two no-grad
 forwards, one differentiated forward). On its own the identity has trivial solutions (``u = 0``); the
@@ -102,11 +103,11 @@ class SplitMeanFlowLoss:
                 "use a positive fraction"
             )
         if adaptive_p < 0 or adaptive_c <= 0:
-            raise FewflowError(f"adaptive weighting needs p >= 0 and c > 0, got p={adaptive_p}, c={adaptive_c}")
+            raise FewflowError(f"adaptive weighting needs p >= 0, c > 0; got p={adaptive_p} c={adaptive_c}")
         if not 0.0 <= label_dropout < 1.0:
             raise FewflowError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         if teacher is not None and not callable(teacher):
-            raise FewflowError(f"teacher must be a velocity model v(x, t, **cond), got {type(teacher).__name__}")
+            raise FewflowError(f"teacher must be a velocity v(x, t, **cond), not {type(teacher).__name__}")
         if reduction not in ("sum", "mean"):
             raise unknown_name("reduction", reduction, ("sum", "mean"))
         self.source, self.teacher = source, teacher
@@ -172,8 +173,8 @@ class SplitMeanFlowLoss:
 
     def __repr__(self) -> str:
         return (
-            f"SplitMeanFlowLoss(boundary_fraction={self.boundary_fraction:g}, time_sampler={self.time_sampler!r}, "
-            f"teacher={'yes' if self.teacher is not None else 'no'})"
+            f"SplitMeanFlowLoss(boundary_fraction={self.boundary_fraction:g}, "
+            f"time_sampler={self.time_sampler!r}, teacher={'yes' if self.teacher is not None else 'no'})"
         )
 
 
