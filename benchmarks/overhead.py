@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"One exact OT solve (`ExactOTCoupling`, B = {b}, 2-D): {t_solve*1e3:.1f} ms; "
         f"one independent CFM step: {tb['fewflow']*1e3:.1f} ms. With prefetching, OT-CFM throughput is "
-        "bounded by min(1, workers x step time / solve time) relative to independent CFM, and needs a free core per "
-        "worker; when the solve is slower than a step, only more workers (cores) close the gap.",
+        "bounded by min(1, workers x step time / solve time) relative to independent CFM, and needs a "
+        "free core per worker; when the solve is slower than a step, only more workers (cores) close "
+        "the gap.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ FLOOR_FACTOR = 2.0  # Euler at NFE 100 must reach sliced-W2 within this factor o
 # Settings tuned so the full demo takes about 2-3 minutes on one CPU thread (start-up included).
 # The network is a 4 x 128 MLP (a quarter of the 4 x 256 default's cost) so that training and 229 network
 # evaluations per sample fit the budget.
-FULL = {"steps": 3000, "batch_size": 256, "lr": 2e-3, "hidden": 128, "n_eval": 4000, "digits_steps": 2000}
+FULL = {"steps": 5000, "batch_size": 256, "lr": 2e-3, "hidden": 128, "n_eval": 4000, "digits_steps": 2000}
 QUICK = {"steps": 300, "batch_size": 256, "lr": 2e-3, "hidden": 128, "n_eval": 1000, "digits_steps": 200}
 
 

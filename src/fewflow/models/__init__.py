@@ -18,6 +18,8 @@ from fewflow.models.mlp import MLP
 from fewflow.models.unet import UNet, plain_attention
 
 MODELS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet, "DiT": DiT}
+# networks defined by method modules in this package, imported only when a config names them
+LAZY_MODELS: dict[str, str] = {"BlockwiseVelocity": "fewflow.models.blockwise"}
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -26,10 +28,16 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         raise FewflowError("model config must be a dict with a 'type' key (e.g. model.config)")
     kw = dict(config)
     kind = kw.pop("type")
-    if kind not in MODELS:
-        raise unknown_name("model type", kind, MODELS)
+    if kind in LAZY_MODELS:
+        import importlib
+
+        cls = getattr(importlib.import_module(LAZY_MODELS[kind]), kind)
+    elif kind in MODELS:
+        cls = MODELS[kind]
+    else:
+        raise unknown_name("model type", kind, [*MODELS, *LAZY_MODELS])
     try:
-        return MODELS[kind](**kw)
+        return cls(**kw)
     except TypeError as exc:
         raise FewflowError(f"bad config for {kind}: {exc}") from exc
 

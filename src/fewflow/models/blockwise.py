@@ -204,7 +204,8 @@ class BlockwiseVelocity(nn.Module):
         self.config: dict[str, Any] = {
             "type": "BlockwiseVelocity", "dim": dim, "segments": b.numel() - 1, "block_hidden": block_hidden,
             "block_depth": block_depth, "feature_hidden": feature_hidden, "feature_depth": feature_depth,
-            "frn_hidden": frn_hidden, "frn_depth": frn_depth, "proj_dim": proj_dim, "proj_hidden": proj_hidden,
+            "frn_hidden": frn_hidden, "frn_depth": frn_depth, "proj_dim": proj_dim,
+            "proj_hidden": proj_hidden,
             "time_features": time_features, "num_classes": num_classes, "time_scale": float(time_scale),
             "num_frequencies": num_frequencies, "boundaries": b.tolist(),
         }
@@ -215,7 +216,8 @@ class BlockwiseVelocity(nn.Module):
                                  num_frequencies=num_frequencies)
         self.feature_net = _ResidualNet(dim, feature_hidden, feature_depth, feature_hidden)
         self.blocks = nn.ModuleList(
-            _VelocityBlock(dim, block_hidden, block_depth, 2 * feature_hidden) for _ in range(self.num_segments)
+            _VelocityBlock(dim, block_hidden, block_depth, 2 * feature_hidden)
+            for _ in range(self.num_segments)
         )
         self.frn: nn.Module | None = None
         if frn_depth > 0:
@@ -235,7 +237,9 @@ class BlockwiseVelocity(nn.Module):
         check_batch("x", x)
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.dim:
-            raise FewflowError(f"BlockwiseVelocity expects {self.dim} features per sample, got {tuple(x.shape)}")
+            raise FewflowError(
+                f"BlockwiseVelocity expects {self.dim} features per sample, got {tuple(x.shape)}"
+            )
         return flat
 
     def _time(self, t: Tensor | float, x: Tensor) -> Tensor:
