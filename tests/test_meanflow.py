@@ -207,7 +207,7 @@ def test_full_call_with_labels_backprops_and_keeps_dtype(gen):
     # same generator state -> same loss (all randomness goes through the generator)
     a = MeanFlowLoss()(model, x1, generator=torch.Generator().manual_seed(1)).loss
     b = MeanFlowLoss()(model, x1, generator=torch.Generator().manual_seed(1)).loss
-    assert float(a) == float(b)
+    assert float(a.detach()) == float(b.detach())
 
 
 class _TinyAttentionFlowMap(nn.Module):

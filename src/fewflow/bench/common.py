@@ -1,0 +1,533 @@
+"""The shared benchmark harness: data, networks, equal-budget training, evaluation, caching, tables, plots.
+
+Used by :mod:`fewflow.bench.fewstep` and :mod:`fewflow.bench.samplers`; nothing here implements a loss, a
+solver or a metric — those come from the library (``fewflow.objectives``, ``fewflow.solvers``,
+``fewflow.metrics``, ``fewflow.train.Trainer``).
+
+**Network evaluations (the training budget).** Every network a method touches during training (student,
+teacher) is wrapped in :class:`Counted`, which adds to one :class:`Ledger` per call, in *forward-
+equivalents per sample* (one forward of one sample through the network = 1)::
+
+    forward without gradient (teacher, stop-gradient targets)        1      (FWD)
+    forward whose output carries a gradient (forward + backward)     1 + 2  (FWD + BWD)
+    forward-mode JVP (primal + tangent) under torch.func.jvp          3      (JVP)
+    ... whose primal output carries the gradient (MeanFlow "fused")  3 + 2  (JVP + BWD)
+
+A backward pass costs about two forwards (it multiplies by the weights twice: input and weight
+gradients). A JVP evaluates the primal and the tangent in one pass; forward-mode AD through our MLPs
+measured 2-3x a forward on CPU, so it is charged 3 forwards. Teacher pair generation (reflow, Rectified
+Diffusion) and teacher trajectories (MF-RAE CMT, consistency distillation) go through the same ledger, so
+they are paid from the method's budget. The teacher's own training is not charged to any method (every
+distillation method shares it). Each method gets the same budget ``E``; a training stage of budget ``E_k``
+runs ``floor(E_k / e)`` optimiser steps, where ``e`` is the cost of one step measured by a probe call on a
+throw-away copy of the student (all objectives here have a fixed cost per step). The ledger's actual total
+is reported beside the budget (it is within one step's cost of it).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewflow._validate import FewflowError, unknown_name
+
+__all__ = [
+    "BWD",
+    "FWD",
+    "JVP",
+    "BenchData",
+    "Counted",
+    "Ledger",
+    "NetSpec",
+    "Stage",
+    "TOY_SETS",
+    "IMAGE_SETS",
+    "atomic_write_json",
+    "budget_steps",
+    "count_step",
+    "default_cache_dir",
+    "floor_metrics",
+    "infinite_dict_batches",
+    "json_key",
+    "load_bench_data",
+    "load_state",
+    "make_net",
+    "measure_samples",
+    "quality",
+    "primary_metric",
+    "save_state",
+    "plot_quality_vs_nfe",
+    "train_stages",
+    "train_teacher",
+    "format_table",
+]
+
+FWD = 1.0
+BWD = 2.0
+JVP = 3.0
+
+TOY_SETS = ("checkerboard", "moons")
+IMAGE_SETS = ("digits", "mnist")
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def default_cache_dir() -> Path:
+    """``$FEWFLOW_BENCH_CACHE`` or ``<repo>/benchmarks/.cache`` (git-ignored)."""
+    env = os.environ.get("FEWFLOW_BENCH_CACHE")
+    return Path(env).expanduser() if env else ROOT / "benchmarks" / ".cache"
+
+
+# ---------------------------------------------------------------------------------------- bookkeeping
+
+
+@dataclass
+class Ledger:
+    """Running total of network evaluations in forward-equivalents per sample (module docstring)."""
+
+    evals: float = 0.0
+    calls: int = 0
+    by_kind: dict[str, float] = field(default_factory=dict)
+
+    def add(self, kind: str, rows: int, weight: float) -> None:
+        self.evals += rows * weight
+        self.calls += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0.0) + rows * weight
+
+    def reset(self) -> None:
+        self.evals, self.calls, self.by_kind = 0.0, 0, {}
+
+
+def _under_jvp(x: Tensor) -> bool:
+    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(fn(x)) if fn is not None else False
+
+
+class Counted(nn.Module):
+    """A network that charges every call to a :class:`Ledger` (weights in the module docstring).
+
+    Forwards ``is_flow_map``, ``num_classes`` and ``config`` of the wrapped network, so objectives and
+    solvers treat it exactly like the network itself. ``name`` labels the ledger entries.
+    """
+
+    def __init__(self, net: nn.Module, ledger: Ledger, name: str = "student") -> None:
+        super().__init__()
+        self.net = net
+        self.ledger = ledger
+        self.name = name
+        self.is_flow_map = bool(getattr(net, "is_flow_map", False))
+        self.num_classes = getattr(net, "num_classes", None)
+        self.config = getattr(net, "config", None)
+
+    def __deepcopy__(self, memo: dict) -> Counted:  # EMA copies share the ledger (they are never trained)
+        new = Counted(copy.deepcopy(self.net, memo), self.ledger, self.name)
+        return new
+
+    def forward(self, x: Tensor, *times: Any, **cond: Any) -> Tensor:
+        out = self.net(x, *times, **cond)
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.net.parameters())
+        if _under_jvp(x):
+            w, kind = JVP + (BWD if trains else 0.0), "jvp+bwd" if trains else "jvp"
+        elif out.requires_grad:
+            w, kind = FWD + BWD, "fwd+bwd"
+        else:
+            w, kind = FWD, "fwd"
+        self.ledger.add(f"{self.name}:{kind}", int(x.shape[0]), w)
+        return out
+
+
+def json_key(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (cache keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    """Write JSON atomically (temporary file + ``os.replace``): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if torch.is_tensor(o):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def save_state(net: nn.Module, path: Path) -> None:
+    """Weights as safetensors (atomic)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_state(net: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors weights into ``net`` (on ``net``'s device)."""
+    from safetensors.torch import load_file
+
+    dev = next(net.parameters()).device
+    net.load_state_dict({k: v.to(dev) for k, v in load_file(str(path)).items()})
+    return net
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class BenchData:
+    """One benchmark data set.
+
+    ``train``: training data (``labels`` for class-conditional sets); ``source``: the training source
+    (``GaussianSource`` or ``DataSource`` of 8-gaussians for moons); ``eval_x0``: fixed source draws for
+    evaluation; ``eval_y``: their labels (images); ``target``: held-out real samples the metrics compare to.
+    """
+
+    name: str
+    kind: str  # "toy" | "image"
+    train: Tensor
+    labels: Tensor | None
+    num_classes: int | None
+    source: Any
+    eval_x0: Tensor
+    eval_y: Tensor | None
+    target: Tensor
+    target2: Tensor | None = None  # a second independent real set for the two-sample floor (toys)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        return int(math.prod(self.shape))
+
+    def dataset(self) -> Any:
+        from fewflow.data import Dataset
+
+        return Dataset(self.train, self.labels, self.name, self.num_classes, (-1.0, 1.0), self.name, {})
+
+    def cond(self, y: Tensor | None) -> dict[str, Tensor]:
+        return {} if y is None else {"y": y}
+
+    def source_description(self) -> str:
+        return "8gaussians" if self.name == "moons" else "N(0, I)"
+
+
+def load_bench_data(name: str, n_train: int, n_eval: int, seed: int = 0) -> BenchData:
+    """``checkerboard`` (N(0, I) -> checkerboard), ``moons`` (8 gaussians -> moons), ``digits`` (8x8,
+    class-conditional, N(0, I) source) or ``mnist`` (if cached). Fixed seeds: the same evaluation draws
+    for every method."""
+    from fewflow.data import load_dataset
+    from fewflow.sources import DataSource, GaussianSource
+
+    g = torch.Generator().manual_seed(10_000 + seed)
+    if name in TOY_SETS:
+        train = load_dataset(name, n=n_train, seed=seed).x
+        target = load_dataset(name, n=n_eval, seed=seed + 101).x
+        target2 = load_dataset(name, n=n_eval, seed=seed + 202).x
+        if name == "moons":
+            src_pool = load_dataset("8gaussians", n=n_train, seed=seed + 303).x
+            source: Any = DataSource(src_pool, generator=torch.Generator().manual_seed(seed + 404))
+            eval_x0 = load_dataset("8gaussians", n=n_eval, seed=seed + 505).x
+        else:
+            source = GaussianSource((2,))
+            eval_x0 = torch.randn(n_eval, 2, generator=g)
+        return BenchData(name, "toy", train, None, None, source, eval_x0, None, target, target2)
+    if name in IMAGE_SETS:
+        tr = load_dataset(name, split="train")
+        te = load_dataset(name, split="test")
+        assert tr.y is not None
+        source = GaussianSource(tuple(tr.x.shape[1:]))
+        eval_x0 = torch.randn(n_eval, *tr.x.shape[1:], generator=g)
+        eval_y = torch.arange(n_eval) % 10
+        return BenchData(name, "image", tr.x, tr.y, 10, source, eval_x0, eval_y, te.x, tr.x)
+    raise unknown_name("benchmark data set", name, TOY_SETS + IMAGE_SETS)
+
+
+def primary_metric(data: BenchData) -> str:
+    """``"sw2"`` (sliced-W2) for 2-D sets, ``"fd"`` (FD-digits / FD-MNIST) for images."""
+    return "sw2" if data.kind == "toy" else "fd"
+
+
+def quality(data: BenchData, x: Tensor, y: Tensor | None = None, mmd_points: int = 2000) -> dict[str, float]:
+    """Metrics of generated samples: sliced-W2 (256 fixed projections) and RBF-MMD^2 (median bandwidth,
+    first ``mmd_points`` samples) for 2-D sets; Fréchet distance in the cached classifier's features and
+    classifier accuracy for images. Non-finite samples give ``inf``."""
+    from fewflow.metrics import classifier_accuracy, fd_features, mmd_rbf, sliced_wasserstein
+
+    x = x.detach().float().cpu()
+    if not bool(torch.isfinite(x).all()):
+        return {"sw2": math.inf, "mmd": math.inf} if data.kind == "toy" else {"fd": math.inf, "acc": 0.0}
+    if data.kind == "toy":
+        g = torch.Generator().manual_seed(1234)
+        m = min(mmd_points, x.shape[0], data.target.shape[0])
+        return {
+            "sw2": sliced_wasserstein(x, data.target, n_proj=256, generator=g),
+            "mmd": mmd_rbf(x[:m], data.target[:m]),
+        }
+    x = x.clamp(-1.0, 1.0)
+    out = {"fd": fd_features(x, data.target, dataset=data.name)}
+    if y is not None:
+        out["acc"] = classifier_accuracy(x, y.cpu(), dataset=data.name)
+    return out
+
+
+def floor_metrics(data: BenchData) -> dict[str, float]:
+    """The metric of real data against the held-out set (two-sample floor): a second exact draw of the
+    same size for toys; the training split against the test split for images (with the real labels)."""
+    if data.kind == "toy":
+        assert data.target2 is not None
+        return quality(data, data.target2)
+    return quality(data, data.train, data.labels)
+
+
+# ------------------------------------------------------------------------------------------- networks
+
+
+@dataclass
+class NetSpec:
+    """The one network family of a benchmark run: ``fewflow.models.MLP`` with low-frequency Fourier time
+    features (3 frequencies, as the MeanFlow docs advise for flow maps; the teacher uses the same so that
+    students can be initialised from it)."""
+
+    hidden: int = 128
+    depth: int = 3
+    num_frequencies: int = 3
+
+
+def make_net(data: BenchData, spec: NetSpec, flow_map: bool = False) -> nn.Module:
+    """An MLP for ``data`` (class-conditional when the data set has labels)."""
+    from fewflow.models import MLP
+
+    return MLP(data.dim, hidden=spec.hidden, depth=spec.depth, time_features="fourier",
+               num_classes=data.num_classes, flow_map=flow_map, num_frequencies=spec.num_frequencies)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class Stage:
+    """One training stage of a method: an objective, its data, batch size, learning rate and the share
+    of the method's evaluation budget it may spend (``budget``, forward-equivalents)."""
+
+    name: str
+    objective: Callable[..., Any]
+    data: Any  # a Dataset, or a callable returning an iterator of batch dicts
+    batch_size: int
+    lr: float
+    budget: float
+    ema_decay: float | None = 0.999
+
+
+def infinite_dict_batches(pairs_dir: Path, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches ``{"x1", "x0"[, "y"]}`` of a reflow pair set (epochs with fresh seeds),
+    streamed with :class:`fewflow.couplings.reflow.ReflowPairs`."""
+    from fewflow.couplings.reflow import ReflowPairs
+
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for x0, x1, y in ReflowPairs(pairs_dir, batch_size=batch_size, generator=g, drop_last=True):
+            b = {"x1": x1, "x0": x0}
+            if y is not None:
+                b["y"] = y
+            yield b
+        epoch += 1
+
+
+def _probe_batch(stage: Stage, data: BenchData) -> tuple[Tensor, dict[str, Any]]:
+    if callable(stage.data):
+        b = next(iter(stage.data()))
+        x1 = b.pop("x1")
+        return x1, b
+    x1 = data.train[: stage.batch_size]
+    cond = {} if data.labels is None else {"y": data.labels[: stage.batch_size]}
+    return x1, cond
+
+
+def count_step(objective: Callable[..., Any], student: nn.Module, x1: Tensor, cond: dict[str, Any],
+               ledger: Ledger) -> float:
+    """Forward-equivalents of one optimiser step: one objective call plus backward on a throw-away copy
+    of the student (teacher calls are charged through their own :class:`Counted` wrapper)."""
+    probe = copy.deepcopy(student)
+    ledger.reset()
+    g = torch.Generator(device=x1.device).manual_seed(0)
+    out = objective(probe, x1, generator=g, **cond)
+    out.loss.backward()
+    cost = ledger.evals
+    ledger.reset()
+    return cost
+
+
+def budget_steps(budget: float, per_step: float) -> int:
+    """Optimiser steps a stage can afford: ``floor(budget / per_step)`` (at least 1)."""
+    if not per_step > 0:
+        raise FewflowError(f"cost of a training step must be positive, got {per_step}")
+    return max(1, int(budget // per_step))
+
+
+def train_stages(student: nn.Module, stages: Sequence[Stage], data: BenchData, ledger: Ledger,
+                 seed: int) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train ``student`` (a :class:`Counted` network) through ``stages`` with :class:`fewflow.train.Trainer`
+    (AdamW, grad-clip 1, EMA), each stage within its budget; the next stage starts from the previous
+    stage's EMA weights. Returns the final EMA network (unwrapped) and one record per stage."""
+    from fewflow.train import TrainConfig, Trainer
+
+    records = []
+    for k, st in enumerate(stages):
+        x1, cond = _probe_batch(st, data)
+        per_step = count_step(st.objective, student, x1, cond, ledger)
+        steps = budget_steps(st.budget, per_step)
+        before = ledger.evals
+        cfg = TrainConfig(steps=steps, batch_size=st.batch_size, lr=st.lr, ema_decay=st.ema_decay,
+                          seed=seed * 100 + k, progress=False, log_every=0, ckpt_every=0, device="cpu")
+        batches = st.data() if callable(st.data) else st.data
+        t0 = time.perf_counter()
+        tr = Trainer(student, st.objective, batches, cfg)
+        res = tr.fit()
+        wall = time.perf_counter() - t0
+        ema = tr.ema_model
+        with torch.no_grad():
+            for p, q in zip(student.parameters(), ema.parameters()):
+                p.copy_(q)
+        records.append({"stage": st.name, "steps": int(res.step), "per_step_evals": per_step,
+                        "budget": st.budget, "evals": ledger.evals - before, "wall_s": wall,
+                        "last_loss": float(res.last_loss), "stopped": res.stopped_reason})
+        if res.stopped_reason != "completed":
+            break
+    net = student.net if isinstance(student, Counted) else student
+    return net, records
+
+
+def train_teacher(data: BenchData, spec: NetSpec, steps: int, batch_size: int, lr: float, seed: int,
+                  cache_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The CFM teacher (linear path, independent coupling, ``fewflow.objectives.CFMLoss``; the data set's
+    source), trained once per (data set, network, steps, batch, lr, seed) and cached as safetensors +
+    JSON under ``cache_dir/<data set>/teacher-<key>/``. Shared by both benchmarks."""
+    from fewflow.objectives import CFMLoss
+    from fewflow.paths import AffinePath
+
+    key = json_key({"data": data.name, "net": asdict(spec), "steps": steps, "batch": batch_size, "lr": lr,
+                    "seed": seed, "n_train": int(data.train.shape[0]), "v": 1})
+    folder = Path(cache_dir) / data.name / f"teacher-{key}"
+    net = make_net(data, spec)
+    if (folder / "meta.json").is_file() and (folder / "model.safetensors").is_file():
+        load_state(net, folder / "model.safetensors")
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["cached"] = True
+        return net.eval().requires_grad_(False), meta
+    torch.manual_seed(seed)
+    net = make_net(data, spec)
+    ledger = Ledger()
+    obj = CFMLoss(AffinePath("linear"), source=data.source)
+    budget = steps * batch_size * (FWD + BWD)
+    trained, recs = train_stages(Counted(net, ledger), [Stage("cfm", obj, data.dataset(), batch_size, lr,
+                                                              budget)], data, ledger, seed)
+    meta = {"key": key, "steps": recs[0]["steps"], "train_wall_s": recs[0]["wall_s"],
+            "train_evals": recs[0]["evals"], "batch": batch_size, "lr": lr, "net": asdict(spec)}
+    save_state(trained, folder / "model.safetensors")
+    atomic_write_json(folder / "meta.json", meta)
+    meta["cached"] = False
+    return trained.eval().requires_grad_(False), meta
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def measure_samples(sample_fn: Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, int]], data: BenchData,
+                    batch: int = 4000) -> tuple[Tensor, int, float]:
+    """Run ``sample_fn(x0, cond) -> (x, nfe)`` on the fixed evaluation draws (in chunks of ``batch``);
+    returns samples, NFE per sample (batched forwards of one chunk) and sampling wall time in seconds."""
+    xs, nfe = [], 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, data.eval_x0.shape[0], batch):
+            x0 = data.eval_x0[i : i + batch]
+            cond = data.cond(None if data.eval_y is None else data.eval_y[i : i + batch])
+            x, nfe = sample_fn(x0, cond)
+            xs.append(x)
+    return torch.cat(xs), int(nfe), time.perf_counter() - t0
+
+
+# -------------------------------------------------------------------------------------- tables/plots
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "diverged" if v > 0 else "-"
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 1e-3:
+            return f"{v:.3g}" if a < 10 else f"{v:.1f}"
+        return f"{v:.1e}"
+    return "-" if v is None else str(v)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot_quality_vs_nfe(panels: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
+    """One panel per data set: ``panels[name] = {"metric": label, "curves": {method: (nfes, values)},
+    "hlines": {label: value}}``; log-scale y. Written with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
+    for ax, (name, p) in zip(axes[0], panels.items()):
+        for label, (xs, ys) in p["curves"].items():
+            pts = [(a, b) for a, b in zip(xs, ys) if b is not None and math.isfinite(b) and b > 0]
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, lw=1.2, label=label)
+        for i, (label, v) in enumerate(p.get("hlines", {}).items()):
+            if v is not None and math.isfinite(v) and v > 0:
+                ax.axhline(v, color="k", ls=["--", ":", "-."][i % 3], lw=1, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(p["metric"])
+        ax.set_title(name)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

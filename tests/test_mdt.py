@@ -1,0 +1,188 @@
+"""Mechanics of MDT-dist: Velocity Matching (FD MeanFlow identity to the data end) and Velocity Distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fewflow import FewflowError
+from fewflow.analytic import GaussianFlow
+from fewflow.models import MLP
+from fewflow.objectives.mdt import DataEndVelocity, MDTDistLoss, mdt_time_derivative, velocity_matching_target
+from fewflow.objectives.meanflow import flow_map_jvp
+from fewflow.paths import LinearSchedule
+from fewflow.solvers import solve
+
+
+def _flow_map_mlp(dim: int = 3) -> MLP:
+    torch.manual_seed(0)
+    model = MLP(dim, hidden=32, depth=2, flow_map=True, time_features="fourier", num_frequencies=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.double()
+
+
+def _gaussian_flow() -> GaussianFlow:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    cov = a @ a.T * 0.3 + 0.2 * torch.eye(3, dtype=torch.float64)
+    return GaussianFlow(torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64), cov, LinearSchedule())
+
+
+def test_forward_difference_matches_jvp(gen):
+    model = _flow_map_mlp()
+    x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    s = torch.rand(32, generator=gen, dtype=torch.float64) * 0.9
+    _, du = flow_map_jvp(model, x, s, torch.ones_like(s), v, 1.0, 0.0)
+    errs = [float((mdt_time_derivative(model, x, s, v, d, d_norm=False) - du).abs().max()) for d in (2e-3, 1e-3)]
+    assert errs[0] < 0.05 * float(du.abs().max())
+    assert errs[0] / errs[1] == pytest.approx(2.0, rel=0.1)  # one-sided: O(delta)
+    # d_norm: d / (||d|| + c) per sample
+    d = mdt_time_derivative(model, x, s, v, 1e-3, d_norm=False)
+    dn = mdt_time_derivative(model, x, s, v, 1e-3, d_norm=True, c=0.1)
+    torch.testing.assert_close(dn, d / (d.norm(dim=1, keepdim=True) + 0.1))
+
+
+def test_vm_target_of_exact_flow_map_and_teacher(gen):
+    flow = _gaussian_flow()
+    exact = flow.as_flow_map_model()
+    x = flow.sample(64, t=0.4, generator=gen)
+    s = torch.full((64,), 0.4, dtype=torch.float64)
+    u = exact(x, s, torch.ones_like(s))
+    e = [float((velocity_matching_target(exact, flow, x, s, d, d_norm=False) - u).abs().max()) for d in (4e-3, 2e-3)]
+    assert e[0] < 0.05
+    assert e[0] / e[1] == pytest.approx(2.0, rel=0.1)
+    # with d_norm the target is v_T + (1 - s) d / (||d|| + c) (a different, bounded target)
+    v_t = flow.velocity(x, s)
+    d = mdt_time_derivative(exact, x, s, v_t, 2e-3, d_norm=False)
+    exp = v_t + 0.6 * d / (d.norm(dim=1, keepdim=True) + 0.1)
+    torch.testing.assert_close(velocity_matching_target(exact, flow, x, s, 2e-3), exp)
+
+
+class _Teacher(nn.Module):
+    """A velocity model with parameters: the probe that VD sends no gradient into the teacher."""
+
+    def __init__(self, flow: GaussianFlow) -> None:
+        super().__init__()
+        self.flow, self.scale = flow, nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x, t):
+        return self.scale * self.flow.velocity(x, t)
+
+
+def test_vd_gradient_flows_only_through_the_fake_branch(gen):
+    flow = _gaussian_flow()
+    teacher = _Teacher(flow)
+    model = _flow_map_mlp()
+    loss = MDTDistLoss(teacher, lambda_vm=0.0, delta=0.01)
+    z = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    eps = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    s = torch.rand(16, generator=gen, dtype=torch.float64) * 0.9
+    vd, diff, v_fake = loss.vd_loss(model, z, s, eps)
+    assert not diff.requires_grad and v_fake.requires_grad
+    torch.testing.assert_close(vd, diff.pow(2).mean())  # the trick adds zero to the value
+    params = list(model.parameters())
+    g = torch.autograd.grad(vd, params, retain_graph=True)
+    # gradient = 2 diff . d v_fake / d theta / N, nothing through the re-noised branch or the teacher
+    g_ref = torch.autograd.grad((2 * diff * v_fake).sum() / diff.numel(), params, retain_graph=True)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+    vd.backward()
+    assert teacher.scale.grad is None
+    # diff is the student's transport at the re-noised fake minus the VM target there
+    x_fake = z + model(z, torch.zeros(16).double(), torch.ones(16).double())
+    x_s = s[:, None] * x_fake + (1 - s[:, None]) * eps
+    u_pred = model(x_s, s, torch.ones_like(s))
+    torch.testing.assert_close(diff, (u_pred - velocity_matching_target(model, teacher, x_s, s, 0.01)).detach())
+
+
+def test_vd_vanishes_at_the_exact_transport(gen):
+    flow = _gaussian_flow()
+    exact = flow.as_flow_map_model()
+    loss = MDTDistLoss(flow, delta=1e-3, d_norm=False)
+    z = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    eps = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    s = torch.rand(64, generator=gen, dtype=torch.float64) * 0.9
+    _, diff, _ = loss.vd_loss(exact, z, s, eps)
+    assert float(diff.abs().max()) < 0.02  # O(delta) finite-difference bias only
+
+
+def test_vm_loss_and_full_call(gen):
+    flow = _gaussian_flow()
+    model = _flow_map_mlp()
+    x1 = flow.sample(32, generator=gen)
+    out = MDTDistLoss(flow)(model, x1, generator=gen)
+    assert {"vm", "vd", "loss"} <= set(out.diagnostics)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    s = MDTDistLoss(flow).sample_times(4096, x1, gen)
+    assert float(s.max()) <= 1 - 0.01 and float(s.min()) >= 0
+    assert float(s.mean()) < 0.4  # logit-normal(1, 1) over noise time: mostly near the noise
+
+
+def test_data_end_sampler(gen):
+    model = _flow_map_mlp()
+    z = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    one = solve(DataEndVelocity(model), z, steps=1)
+    ones = torch.ones(8, dtype=torch.float64)
+    torch.testing.assert_close(one.x, z + model(z, 0 * ones, ones).detach())
+    two = solve(DataEndVelocity(model), z, steps=2)
+    x_h = z + 0.5 * model(z, 0 * ones, ones)
+    torch.testing.assert_close(two.x, (x_h + 0.5 * model(x_h, 0.5 * ones, ones)).detach())
+    assert two.nfe == 2
+
+
+def test_bad_inputs_raise(gen):
+    flow = _gaussian_flow()
+    with pytest.raises(FewflowError, match="lambda"):
+        MDTDistLoss(flow, lambda_vm=0.0, lambda_vd=0.0)
+    with pytest.raises(FewflowError, match="teacher"):
+        MDTDistLoss(None)
+    with pytest.raises(FewflowError, match="s \\+ delta"):
+        mdt_time_derivative(flow.as_flow_map_model(), torch.zeros(2, 3).double(), torch.ones(2).double(),
+                            torch.zeros(2, 3).double(), 0.01)
+    with pytest.raises(FewflowError, match="flow-map"):
+        MDTDistLoss(flow)(MLP(3, hidden=8, depth=1), torch.randn(4, 3))
+
+
+@pytest.mark.slow
+def test_vm_plus_vd_one_step_beats_teacher_euler():
+    from fewflow.data import load_dataset
+    from fewflow.metrics import sliced_wasserstein
+    from fewflow.objectives.cfm import CFMLoss
+    from fewflow.objectives.mfrae import init_from_teacher
+    from fewflow.objectives.time_samplers import UniformTime
+    from fewflow.paths import AffinePath
+
+    data = load_dataset("moons", n=4000, seed=0).x.float()
+    test = load_dataset("moons", n=2000, seed=1).x.float()
+    z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
+
+    def train(model, objective, steps, lr):
+        g = torch.Generator().manual_seed(1)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        for _ in range(steps):
+            out = objective(model, data[torch.randint(0, 4000, (256,), generator=g)], generator=g)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    teacher = MLP(2, hidden=64, depth=2, time_features="fourier", num_frequencies=3)
+    train(teacher, CFMLoss(AffinePath(LinearSchedule())), 600, 3e-3)
+    teacher.requires_grad_(False)
+    student = MLP(2, hidden=64, depth=2, flow_map=True, time_features="fourier", num_frequencies=3)
+    init_from_teacher(student, teacher, zero=("cond.h_embed.mlp.2",))
+    # toy scale: uniform times and no d_norm (d_norm's bounded derivative slows the 1-step map here)
+    train(student, MDTDistLoss(teacher, time_sampler=UniformTime(), d_norm=False), 500, 2e-3)
+
+    def swd(x):
+        return sliced_wasserstein(x, test, generator=torch.Generator().manual_seed(1))
+
+    w_teacher = swd(solve(teacher, z, steps=1).x)
+    w1 = swd(solve(DataEndVelocity(student), z, steps=1).x)
+    w2 = swd(solve(DataEndVelocity(student), z, steps=2).x)
+    assert min(w1, w2) * 3 < w_teacher, (w1, w2, w_teacher)
