@@ -10,7 +10,6 @@ from fewflow.analytic import GaussianFlow
 from fewflow.models import MLP
 from fewflow.objectives.cfm import CFMLoss
 from fewflow.objectives.consistency import ConsistencyLoss, ShortcutLoss, consistency_target, shortcut_target
-from fewflow.objectives.meanflow import TimePairSampler
 from fewflow.paths import AffinePath, LinearSchedule
 
 
@@ -186,8 +185,9 @@ def test_bad_inputs_raise(gen):
     with pytest.raises(FewflowError, match="linear path"):
         ShortcutLoss(path=AffinePath("cosine"))
     with pytest.raises(FewflowError, match="s <= t"):
-        ConsistencyLoss().loss_at(model, *_pairs(gen, 4)[:2], torch.full((4,), 0.9).double(),
-                                  torch.full((4,), 0.1).double())
+        ConsistencyLoss().loss_at(
+            model, *_pairs(gen, 4)[:2], torch.full((4,), 0.9).double(), torch.full((4,), 0.1).double()
+        )
     with pytest.raises(FewflowError, match="flow-map"):
         ConsistencyLoss()(MLP(3, hidden=8, depth=1), torch.randn(4, 3))
 

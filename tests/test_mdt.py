@@ -1,4 +1,4 @@
-"""Mechanics of MDT-dist: Velocity Matching (FD MeanFlow identity to the data end) and Velocity Distillation."""
+"""Mechanics of MDT-dist: Velocity Matching (FD MeanFlow identity to the data end), Velocity Distillation."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def test_forward_difference_matches_jvp(gen):
     v = torch.randn(32, 3, generator=gen, dtype=torch.float64)
     s = torch.rand(32, generator=gen, dtype=torch.float64) * 0.9
     _, du = flow_map_jvp(model, x, s, torch.ones_like(s), v, 1.0, 0.0)
-    errs = [float((mdt_time_derivative(model, x, s, v, d, d_norm=False) - du).abs().max()) for d in (2e-3, 1e-3)]
+    errs = [
+        float((mdt_time_derivative(model, x, s, v, d, d_norm=False) - du).abs().max()) for d in (2e-3, 1e-3)
+    ]
     assert errs[0] < 0.05 * float(du.abs().max())
     assert errs[0] / errs[1] == pytest.approx(2.0, rel=0.1)  # one-sided: O(delta)
     # d_norm: d / (||d|| + c) per sample
@@ -52,7 +54,10 @@ def test_vm_target_of_exact_flow_map_and_teacher(gen):
     x = flow.sample(64, t=0.4, generator=gen)
     s = torch.full((64,), 0.4, dtype=torch.float64)
     u = exact(x, s, torch.ones_like(s))
-    e = [float((velocity_matching_target(exact, flow, x, s, d, d_norm=False) - u).abs().max()) for d in (4e-3, 2e-3)]
+    e = [
+        float((velocity_matching_target(exact, flow, x, s, d, d_norm=False) - u).abs().max())
+        for d in (4e-3, 2e-3)
+    ]
     assert e[0] < 0.05
     assert e[0] / e[1] == pytest.approx(2.0, rel=0.1)
     # with d_norm the target is v_T + (1 - s) d / (||d|| + c) (a different, bounded target)
@@ -96,7 +101,9 @@ def test_vd_gradient_flows_only_through_the_fake_branch(gen):
     x_fake = z + model(z, torch.zeros(16).double(), torch.ones(16).double())
     x_s = s[:, None] * x_fake + (1 - s[:, None]) * eps
     u_pred = model(x_s, s, torch.ones_like(s))
-    torch.testing.assert_close(diff, (u_pred - velocity_matching_target(model, teacher, x_s, s, 0.01)).detach())
+    torch.testing.assert_close(
+        diff, (u_pred - velocity_matching_target(model, teacher, x_s, s, 0.01)).detach()
+    )
 
 
 def test_vd_vanishes_at_the_exact_transport(gen):
@@ -142,8 +149,13 @@ def test_bad_inputs_raise(gen):
     with pytest.raises(FewflowError, match="teacher"):
         MDTDistLoss(None)
     with pytest.raises(FewflowError, match="s \\+ delta"):
-        mdt_time_derivative(flow.as_flow_map_model(), torch.zeros(2, 3).double(), torch.ones(2).double(),
-                            torch.zeros(2, 3).double(), 0.01)
+        mdt_time_derivative(
+            flow.as_flow_map_model(),
+            torch.zeros(2, 3).double(),
+            torch.ones(2).double(),
+            torch.zeros(2, 3).double(),
+            0.01,
+        )
     with pytest.raises(FewflowError, match="flow-map"):
         MDTDistLoss(flow)(MLP(3, hidden=8, depth=1), torch.randn(4, 3))
 

@@ -163,7 +163,9 @@ def test_mfd_sample_times_ratio_and_shift(gen):
     x1 = torch.randn(64, 2, generator=gen)
     s, t = MeanFlowDistillationLoss(teacher=lambda x, t: x).sample_times(64, x1, gen)
     assert int((s != t).sum()) == 16 and bool((s <= t).all())
-    s2, t2 = MeanFlowDistillationLoss(teacher=lambda x, t: x, shift=6.93, ratio=1.0).sample_times(4096, x1, gen)
+    s2, t2 = MeanFlowDistillationLoss(teacher=lambda x, t: x, shift=6.93, ratio=1.0).sample_times(
+        4096, x1, gen
+    )
     # shift > 1 moves times toward the noise (t = 0): unshifted sorted uniforms have means 1/3 and 2/3
     assert float(s2.mean()) < 0.2 and float(t2.mean()) < 0.45
 
@@ -221,8 +223,14 @@ def test_cmt_then_mfd_one_step_beats_teacher_euler():
     teacher.requires_grad_(False)
     student = MLP(2, hidden=64, depth=2, flow_map=True, time_features="fourier", num_frequencies=3)
     init_from_teacher(student, teacher, zero=("cond.h_embed.mlp.2",))
-    _train(student, ConsistencyMidTrainingLoss(teacher, steps=8, pairs_per_trajectory=2), data[:64], 300,
-           lr=1e-3, batch=64)
+    _train(
+        student,
+        ConsistencyMidTrainingLoss(teacher, steps=8, pairs_per_trajectory=2),
+        data[:64],
+        300,
+        lr=1e-3,
+        batch=64,
+    )
     _train(student, MeanFlowDistillationLoss(teacher, ratio=0.5, adaptive_p=0.0), data, 300, lr=1e-3)
 
     def swd(x):

@@ -515,6 +515,11 @@ def resolve_model_config(cfg: RunConfig, data: Any | None = None) -> dict[str, A
         m.setdefault("num_classes", int(k))
     if get_method(cfg.objective.method).flow_map:
         m.setdefault("flow_map", True)
+        if m["type"] == "MLP":
+            # MeanFlow's pitfall: high-frequency time features blow up d u / d t; a few low Fourier
+            # frequencies of (t, t - s) work at toy scale (the notes' calibration runs).
+            m.setdefault("time_features", "fourier")
+            m.setdefault("num_frequencies", 3)
     return m
 
 
@@ -647,6 +652,58 @@ def _build_cfm(cfg: RunConfig, data: Any) -> Any:
 
 
 register_method("cfm", _build_cfm, description="conditional flow matching (Lipman et al. 2023)")
+
+
+def _flow_map_kwargs(cfg: RunConfig, data: Any) -> dict[str, Any]:
+    obj = cfg.objective
+    if obj.schedule != "linear":
+        raise FewflowError(f"method {obj.method!r} needs the linear path (objective.schedule = 'linear')")
+    num_classes = _meta(cfg, data).get("num_classes") if obj.conditional else None
+    return dict(
+        path=build_path(cfg),
+        source=build_source(cfg, data),
+        label_dropout=float(obj.label_dropout),
+        num_classes=num_classes,
+    )
+
+
+def _build_meanflow(cfg: RunConfig, data: Any) -> Any:
+    """MeanFlow (Geng et al. 2025): average-velocity model trained with the JVP identity.
+
+    ``objective.kwargs`` pass through to :class:`fewflow.objectives.MeanFlowLoss` (``ratio``,
+    ``adaptive_p``, ``adaptive_c``, ``omega``, ``kappa``, ...); ``objective.time_sampler = "uniform"``
+    draws (s, t) uniformly (the toy-scale choice), otherwise the paper's logit-normal pair."""
+    from fewflow.objectives.meanflow import MeanFlowLoss, TimePairSampler
+
+    obj = cfg.objective
+    ts = TimePairSampler.uniform() if obj.time_sampler == "uniform" else TimePairSampler.logit_normal(
+        **obj.time_kwargs
+    )
+    return _construct(MeanFlowLoss, {**_flow_map_kwargs(cfg, data), "time_sampler": ts, **obj.kwargs}, "meanflow")
+
+
+def _build_splitmeanflow(cfg: RunConfig, data: Any) -> Any:
+    """SplitMeanFlow (Guo et al. 2025): interval-splitting consistency plus the flow-matching boundary."""
+    from fewflow.objectives.meanflow import TimePairSampler
+    from fewflow.objectives.splitmeanflow import SplitMeanFlowLoss
+
+    obj = cfg.objective
+    ts = TimePairSampler.uniform() if obj.time_sampler == "uniform" else TimePairSampler.logit_normal(
+        **obj.time_kwargs
+    )
+    kw = {**_flow_map_kwargs(cfg, data), "time_sampler": ts, **obj.kwargs}
+    return _construct(SplitMeanFlowLoss, kw, "splitmeanflow")
+
+
+register_method(
+    "meanflow", _build_meanflow, flow_map=True, description="MeanFlow average-velocity model (Geng et al. 2025)"
+)
+register_method(
+    "splitmeanflow",
+    _build_splitmeanflow,
+    flow_map=True,
+    description="SplitMeanFlow interval-splitting consistency (Guo et al. 2025)",
+)
 
 
 # --------------------------------------------------------------------------- sampling

@@ -373,12 +373,12 @@ def count_step(objective: Callable[..., Any], student: nn.Module, x1: Tensor, co
     """Forward-equivalents of one optimiser step: one objective call plus backward on a throw-away copy
     of the student (teacher calls are charged through their own :class:`Counted` wrapper)."""
     probe = copy.deepcopy(student)
-    ledger.reset()
+    saved = (ledger.evals, ledger.calls, dict(ledger.by_kind))
     g = torch.Generator(device=x1.device).manual_seed(0)
     out = objective(probe, x1, generator=g, **cond)
     out.loss.backward()
-    cost = ledger.evals
-    ledger.reset()
+    cost = ledger.evals - saved[0]
+    ledger.evals, ledger.calls, ledger.by_kind = saved  # the probe is bookkeeping, not training
     return cost
 
 
