@@ -255,6 +255,24 @@ def test_prefetch_coupler_matches_sequential_coupling():
     assert all(torch.equal(a, b) for a, b in zip(sk, sk3))
 
 
+def test_prefetch_coupler_process_backend_matches_thread_backend():
+    """The process backend (for GIL-holding solvers such as POT's emd) gives the same pairs, in order."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(24, 2, generator=g) for _ in range(4)]
+    thr = list(PrefetchCoupler(batches, ExactOTCoupling(solver="lsa"), seed=3))
+    with PrefetchCoupler(batches, ExactOTCoupling(solver="emd"), seed=3, backend="process") as proc:
+        got = list(proc)
+    assert len(got) == 4
+    for a, b, x1 in zip(thr, got, batches):
+        assert torch.equal(b.x1, x1) and torch.equal(a.x0.sort(0).values, b.x0.sort(0).values)
+        # both solvers are exact: same optimal cost (the optimum may be attained by several permutations)
+        ca = (a.x0 - x1).pow(2).sum(1).mean()
+        cb = (b.x0 - x1).pow(2).sum(1).mean()
+        assert torch.allclose(ca, cb, rtol=1e-9, atol=1e-9)
+    with pytest.raises(FewflowError, match="backend"):
+        PrefetchCoupler(batches, ExactOTCoupling(), backend="fibers")
+
+
 def test_prefetch_coupler_with_sampler_source_and_errors():
     class ShiftedSource:
         def sample_like(self, x1, generator=None):

@@ -679,7 +679,8 @@ def _build_meanflow(cfg: RunConfig, data: Any) -> Any:
     ts = TimePairSampler.uniform() if obj.time_sampler == "uniform" else TimePairSampler.logit_normal(
         **obj.time_kwargs
     )
-    return _construct(MeanFlowLoss, {**_flow_map_kwargs(cfg, data), "time_sampler": ts, **obj.kwargs}, "meanflow")
+    kw = {**_flow_map_kwargs(cfg, data), "time_sampler": ts, **obj.kwargs}
+    return _construct(MeanFlowLoss, kw, "meanflow")
 
 
 def _build_splitmeanflow(cfg: RunConfig, data: Any) -> Any:
@@ -696,7 +697,10 @@ def _build_splitmeanflow(cfg: RunConfig, data: Any) -> Any:
 
 
 register_method(
-    "meanflow", _build_meanflow, flow_map=True, description="MeanFlow average-velocity model (Geng et al. 2025)"
+    "meanflow",
+    _build_meanflow,
+    flow_map=True,
+    description="MeanFlow average-velocity model (Geng et al. 2025)",
 )
 register_method(
     "splitmeanflow",

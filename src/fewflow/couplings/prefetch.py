@@ -13,10 +13,11 @@ with spare cores.
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -26,6 +27,18 @@ from fewflow._validate import FewflowError
 from fewflow.couplings.base import Coupling, CouplingResult, randn_like
 
 _END = object()
+
+
+def _init_process_worker() -> None:
+    """Each coupling process uses one thread: it shares the machine with the training process."""
+    torch.set_num_threads(1)
+
+
+def _couple_in_process(
+    coupling: Coupling, x0: Tensor, x1: Tensor, y: Tensor | None, seed: int | None
+) -> CouplingResult:
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return coupling(x0, x1, y=y, generator=gen)
 
 
 class _Failure:
@@ -58,6 +71,11 @@ class PrefetchCoupler:
             deterministic loader, whatever ``num_workers``. ``None``: unseeded.
         device: if given, results are moved there (non-blocking) in the background thread.
         max_batches: stop after this many batches (useful with a callable sampler).
+        backend: ``"thread"`` (default) solves in threads of this process -- enough for solvers that
+            release the GIL (scipy's ``linear_sum_assignment``); ``"process"`` solves in spawned worker
+            processes (one thread each), needed for solvers that hold the GIL (POT's ``ot.emd``, the fastest
+            exact solver on low-dimensional data). Batches are on the CPU in that case (``device`` moves the
+            results afterwards) and the coupling object must be picklable.
 
     Errors raised in the background (bad batch, failed coupling) are re-raised by ``next()``. The thread
     stops at the end of the data, on :meth:`close`, or when the object is garbage collected.
@@ -74,11 +92,14 @@ class PrefetchCoupler:
         device: torch.device | str | None = None,
         max_batches: int | None = None,
         num_workers: int = 1,
+        backend: str = "thread",
     ) -> None:
         if not isinstance(depth, int) or depth < 1:
             raise FewflowError(f"depth must be a positive integer, got {depth!r}")
         if not isinstance(num_workers, int) or num_workers < 1:
             raise FewflowError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if backend not in ("thread", "process"):
+            raise FewflowError(f"unknown backend {backend!r}; choose one of: process, thread")
         if not callable(coupling):
             raise FewflowError(f"coupling must be a Coupling, got {type(coupling).__name__}")
         is_iter = hasattr(loader_or_sampler, "__iter__")
@@ -97,7 +118,8 @@ class PrefetchCoupler:
         self.device = torch.device(device) if device is not None else None
         self.max_batches = max_batches
         self.num_workers = num_workers
-        self._pool: ThreadPoolExecutor | None = None
+        self.backend = backend
+        self._pool: Executor | None = None
         self._queue: queue.Queue[Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -134,14 +156,14 @@ class PrefetchCoupler:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return self.coupling(x0, x1, y=y, generator=gen)
 
-    def _work(self, q: queue.Queue[Any], pool: ThreadPoolExecutor) -> None:
+    def _work(self, q: queue.Queue[Any], pool: Executor) -> None:
         gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         try:
             for n, batch in enumerate(self._batches()):
                 if self._stop.is_set() or (self.max_batches is not None and n >= self.max_batches):
                     break
                 x1, y = self._split(batch)
-                if self.device is not None:
+                if self.device is not None and self.backend == "thread":
                     x1 = x1.to(self.device, non_blocking=True)
                     y = y.to(self.device, non_blocking=True) if y is not None else None
                 if self.source is None:
@@ -149,7 +171,10 @@ class PrefetchCoupler:
                 else:
                     x0 = self.source.sample_like(x1, generator=gen)
                 seed = None if self.seed is None else (self.seed * 1_000_003 + n + 1) % (2**63)
-                fut = pool.submit(self._couple, x0, x1, y, seed)
+                if self.backend == "process":
+                    fut = pool.submit(_couple_in_process, self.coupling, x0, x1, y, seed)
+                else:
+                    fut = pool.submit(self._couple, x0, x1, y, seed)
                 if not self._put(q, fut):
                     return
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
@@ -165,7 +190,14 @@ class PrefetchCoupler:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=max(self.depth, self.num_workers))
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="fewflow-coupling")
+            if self.backend == "process":
+                self._pool = ProcessPoolExecutor(
+                    self.num_workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_process_worker,
+                )
+            else:
+                self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="fewflow-coupling")
         self._thread = threading.Thread(
             target=self._work, args=(self._queue, self._pool), name="fewflow-prefetch-coupler", daemon=True
         )
@@ -196,10 +228,13 @@ class PrefetchCoupler:
             self.close()
             raise item.exc
         try:
-            return item.result()
+            res = item.result()
         except BaseException:
             self.close()
             raise
+        if self.device is not None and self.backend == "process":
+            res = _to_device(res, self.device)
+        return res
 
     def close(self) -> None:
         """Stop the background thread and drop queued batches."""
@@ -225,5 +260,17 @@ class PrefetchCoupler:
 
     def __repr__(self) -> str:
         return (
-            f"PrefetchCoupler(coupling={self.coupling!r}, depth={self.depth}, num_workers={self.num_workers})"
+            f"PrefetchCoupler(coupling={self.coupling!r}, depth={self.depth}, "
+            f"num_workers={self.num_workers}, backend={self.backend!r})"
         )
+
+
+def _to_device(res: CouplingResult, device: torch.device) -> CouplingResult:
+    import dataclasses
+
+    moved = {
+        f.name: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+        for f in dataclasses.fields(res)
+        for v in [getattr(res, f.name)]
+    }
+    return CouplingResult(**moved)

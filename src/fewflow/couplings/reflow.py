@@ -177,7 +177,7 @@ def generate_reflow_pairs(
         todo = todo[: max(int(max_shards), 0)]
     iterator: Any = todo
     if progress:
-        from tqdm.auto import tqdm
+        from fewflow._progress import progress_bar as tqdm
 
         iterator = tqdm(todo, desc="reflow pairs", unit="shard")
     for k in iterator:

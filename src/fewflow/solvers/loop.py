@@ -132,9 +132,9 @@ def solve(
     times_f = g.tolist() if callback is not None else None
     iterator: Any = range(n)
     if progress:
-        from tqdm.auto import tqdm
+        from fewflow._progress import progress_bar
 
-        iterator = tqdm(iterator, desc=f"solve[{type(st).__name__}]", leave=False)
+        iterator = progress_bar(iterator, desc=f"solve[{type(st).__name__}]", leave=False)
 
     traj: Tensor | list[Tensor] | None = None
     x = x0

@@ -453,9 +453,9 @@ class Trainer:
         self.model.train()
         pbar = None
         if c.progress and self.is_main:
-            from tqdm.auto import tqdm
+            from fewflow._progress import progress_bar
 
-            pbar = tqdm(total=c.steps, initial=self.step, dynamic_ncols=True, desc="train")
+            pbar = progress_bar(total=c.steps, initial=self.step, desc="train")
         window = self._new_window()
         reason = "completed"
         try:

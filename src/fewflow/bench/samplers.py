@@ -1,0 +1,573 @@
+"""``fewflow bench samplers``: training-free and light-fine-tune samplers on the few-step benchmark's teachers.
+
+On the CFM teachers of :mod:`fewflow.bench.fewstep` (same cache, same mode presets; checkerboard, moons,
+digits), measured on the same fixed evaluation draws and metrics:
+
+1. **Schedules x steppers**: quality vs NFE (1-16) for every time grid — ``uniform``, ``sd3_shift``
+   (shift 3, Esser et al.), ``edm`` (Karras rho = 7, started at t = 0), ``logsnr`` (uniform in log-SNR of the
+   linear path), ``boss`` (Bellman-optimal steps of the teacher, Nguyen et al.) — times every stepper:
+   ``euler`` (NFE steps), ``midpoint`` and ``heun`` (NFE / 2 steps), ``flowturbo`` pseudo-corrector (1 Heun
+   + NFE - 2 pseudo steps, Zhao et al.). Every cell reports the NFE counted by the solver and wall time.
+2. **BOSS refined**: the teacher fine-tuned on its reference segments of the Bellman schedules for
+   K = 1, 2, 4, 8 (``BossRefineLoss``), sampled with Euler on those schedules.
+3. **FlowTurbo with a refiner**: a ``FlowTurboRefiner`` trained with ``FlowTurboRefinerLoss``; the block
+   sequence 1 Heun + P pseudo + R refiner steps at predictor NFE 4, 8, 16.
+4. **Source pruning** (Lee et al.): data-sparse axes of the data, pruned N(0, I) draws at tau = 0.048;
+   Euler at NFE 5 / 10 / 100 with and without pruning, and the acceptance rate (N(0, I) sources only:
+   the 8-gaussians source of moons is a data set, not prunable).
+5. **Guidance** (digits): constant-scale CFG at several scales vs RAAG (Zhu et al.) at NFE 2, 4, 8 with
+   FD-digits and classifier accuracy, plus the RAAG ratio along the trajectory
+   (``samplers_raag_ratio.png``).
+
+Each part's result is cached as JSON under ``<cache>/<data set>/samplers-<key>/`` as soon as it is done.
+Outputs: ``benchmarks/results/samplers.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewflow._validate import unknown_name
+from fewflow.bench.common import (
+    BenchData,
+    Counted,
+    Ledger,
+    Stage,
+    atomic_write_json,
+    default_cache_dir,
+    format_table,
+    json_key,
+    measure_samples,
+    plot_quality_vs_nfe,
+    primary_metric,
+    quality,
+    train_stages,
+)
+from fewflow.bench.fewstep import RESULTS, FewstepConfig, bench_data, teacher_for
+
+__all__ = ["SamplersConfig", "SAMPLER_PRESETS", "SCHEDULES", "STEPPERS", "run", "main", "schedule_grid",
+           "check_sampler_claims"]
+
+SCHEDULES = ("uniform", "sd3_shift", "edm", "logsnr", "boss")
+STEPPERS = ("euler", "midpoint", "heun", "flowturbo")
+
+
+@dataclass
+class SamplerPreset:
+    """Sizes of the samplers benchmark for one mode: BOSS reference draws, refinement and refiner training
+    steps (batch = the teacher's), CFG scales and RAAG settings."""
+
+    boss_ref: int
+    boss_refine_steps: int
+    refiner_steps: int
+    cfg_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    raag: tuple[tuple[float, float], ...] = ((3.0, 1.0), (3.0, 3.0), (5.0, 3.0))  # (w_max, alpha)
+
+
+SAMPLER_PRESETS = {
+    "smoke": SamplerPreset(16, 5, 5, (1.0, 2.0), ((3.0, 2.0),)),
+    "quick": SamplerPreset(128, 300, 300),
+    "full": SamplerPreset(256, 1500, 1500),
+}
+
+
+@dataclass
+class SamplersConfig:
+    """What to run (see :class:`fewflow.bench.fewstep.FewstepConfig`; teachers are shared through
+    ``cache_dir`` and ``mode``). ``nfe``: NFE budgets of the schedule x stepper grid."""
+
+    mode: str = "quick"
+    datasets: tuple[str, ...] | None = None
+    nfe: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seed: int = 0
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    out_dir: Path | None = RESULTS
+    workers: int = 1
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in SAMPLER_PRESETS:
+            raise unknown_name("benchmark mode", self.mode, SAMPLER_PRESETS)
+        self.cache_dir = Path(self.cache_dir)
+        self.fewstep = FewstepConfig(mode=self.mode, datasets=self.datasets, seed=self.seed,
+                                     cache_dir=self.cache_dir, out_dir=None, verbose=self.verbose)
+        self.datasets = tuple(d for d in (self.fewstep.datasets or ()) if d != "mnist")
+
+    @property
+    def preset(self) -> SamplerPreset:
+        return SAMPLER_PRESETS[self.mode]
+
+
+def _log(cfg: SamplersConfig, msg: str) -> None:
+    if cfg.verbose:
+        print(f"[samplers {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- grids
+
+
+def schedule_grid(name: str, steps: int, boss_cost: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``steps``-step time grid of a schedule (t = 0 noise -> 1 data), from ``fewflow.solvers``:
+    ``uniform_grid``, ``shifted_grid(shift=3)`` (SD3), ``edm_grid(rho=7, start_at_zero=True)`` (uniform
+    for one step), ``logsnr_grid`` of the linear schedule, or the BOSS ``bellman_schedule`` of ``boss_cost``."""
+    from fewflow.paths import LinearSchedule
+    from fewflow.solvers import edm_grid, logsnr_grid, shifted_grid, uniform_grid
+    from fewflow.solvers.boss import bellman_schedule
+
+    if name == "uniform":
+        return uniform_grid(steps)
+    if name == "sd3_shift":
+        return shifted_grid(steps, 3.0)
+    if name == "edm":
+        return edm_grid(steps, start_at_zero=True) if steps >= 2 else uniform_grid(1)
+    if name == "logsnr":
+        return logsnr_grid(steps, LinearSchedule())
+    if name == "boss":
+        if boss_cost is None:
+            raise ValueError("the boss schedule needs the teacher's cost matrix")
+        return bellman_schedule(boss_cost, steps).grid
+    raise unknown_name("schedule", name, SCHEDULES)
+
+
+def _stepper_plan(stepper: str, nfe: int) -> tuple[int, Any] | None:
+    """``(steps, stepper object factory)`` spending exactly ``nfe`` predictor evaluations, or None."""
+    from fewflow.solvers.flowturbo import FlowTurboStepper
+
+    if stepper == "euler":
+        return nfe, lambda: "euler"
+    if stepper in ("heun", "midpoint"):
+        return (nfe // 2, lambda: stepper) if nfe >= 2 and nfe % 2 == 0 else None
+    if stepper == "flowturbo":
+        return (nfe - 1, lambda: FlowTurboStepper(1, nfe - 2).bind()) if nfe >= 4 else None
+    raise unknown_name("stepper", stepper, STEPPERS)
+
+
+def _eval(data: BenchData, fn: Callable[[torch.Tensor, dict], tuple[torch.Tensor, int]],
+          x0: torch.Tensor | None = None) -> dict[str, float]:
+    if x0 is not None:
+        data = copy.copy(data)
+        data.eval_x0 = x0
+    x, nfe, wall = measure_samples(fn, data)
+    return {**quality(data, x, data.eval_y), "nfe": nfe, "sample_wall_s": wall}
+
+
+def _solve_fn(model: Any, grid: torch.Tensor, stepper_factory: Callable[[], Any]) -> Callable:
+    from fewflow.solvers import solve
+
+    def fn(x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, int]:
+        r = solve(model, x0, grid=grid, stepper=stepper_factory(), cond=cond)
+        return r.x, r.nfe
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------- parts
+
+
+def part_grid(cfg: SamplersConfig, data: BenchData, teacher: Any, boss_cost: torch.Tensor) -> dict[str, Any]:
+    """Schedule x stepper x NFE table."""
+    out: dict[str, Any] = {}
+    for sched in SCHEDULES:
+        for st in STEPPERS:
+            row = {}
+            for k in cfg.nfe:
+                plan = _stepper_plan(st, k)
+                if plan is None:
+                    continue
+                steps, factory = plan
+                grid = schedule_grid(sched, steps, boss_cost)
+                row[str(k)] = _eval(data, _solve_fn(teacher, grid, factory))
+            out[f"{sched}/{st}"] = row
+    return out
+
+
+def _boss_reference(cfg: SamplersConfig, data: BenchData, teacher: Any) -> Any:
+    from fewflow.solvers.boss import boss_reference
+
+    n = cfg.preset.boss_ref
+    g = torch.Generator().manual_seed(cfg.seed + 77)
+    if data.name == "moons":
+        from fewflow.data import load_dataset
+
+        x0 = load_dataset("8gaussians", n=n, seed=cfg.seed + 909).x
+    else:
+        x0 = torch.randn(n, *data.shape, generator=g)
+    cond = {} if data.num_classes is None else {"y": torch.arange(n) % data.num_classes}
+    return boss_reference(teacher, x0, 100, cond=cond)
+
+
+def part_boss_refined(cfg: SamplersConfig, data: BenchData, teacher: Any, ref: Any,
+                      boss_cost: torch.Tensor) -> dict[str, Any]:
+    """BOSS phase 2: fine-tune a copy of the teacher on the reference segments of the K = 1, 2, 4, 8
+    Bellman schedules (``BossRefineLoss``, Trainer, lr 2e-4 as the BOSS code), then Euler on those grids."""
+    from fewflow.objectives.boss_refine import BossRefineLoss
+    from fewflow.solvers.boss import bellman_schedule, boss_segments
+
+    ks = [k for k in cfg.nfe if k <= 8]
+    scheds = {k: bellman_schedule(boss_cost, k, times=ref.times) for k in ks}
+    loss = BossRefineLoss(boss_segments(ref, *scheds.values()))
+
+    def objective(model: Any, x1: torch.Tensor, *, generator: Any = None, **cond: Any) -> Any:
+        return loss(model, x1, generator=generator)  # labels come with the segments
+
+    fp = cfg.fewstep.preset(data.name)
+    ledger = Ledger()
+    student = Counted(copy.deepcopy(teacher).requires_grad_(True).train(), ledger)
+    budget = cfg.preset.boss_refine_steps * fp.batch * 3.0
+    t0 = time.perf_counter()
+    net, rec = train_stages(student, [Stage("boss-refine", objective, data.dataset(), fp.batch, 2e-4, budget)],
+                            data, ledger, cfg.seed)
+    wall = time.perf_counter() - t0
+    net.eval()
+    rows = {str(k): _eval(data, _solve_fn(net, s.grid, lambda: "euler")) for k, s in scheds.items()}
+    return {"metrics": rows, "train_wall_s": wall, "train_evals": ledger.evals, "stages": rec,
+            "reference_draws": int(ref.states.shape[1])}
+
+
+def part_flowturbo_refiner(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str, Any]:
+    """Train a ``FlowTurboRefiner`` (``FlowTurboRefinerLoss``) on the frozen teacher; sample with 1 Heun +
+    P pseudo + R refiner blocks at predictor NFE 4, 8, 16 (R ~ 30 % of the steps, as the code's 3 of 9)."""
+    from fewflow.objectives.flowturbo_refiner import FlowTurboRefinerLoss
+    from fewflow.solvers.flowturbo import FlowTurboRefiner, flowturbo_sample
+
+    fp = cfg.fewstep.preset(data.name)
+    ledger = Ledger()
+    torch.manual_seed(cfg.seed + 5)
+    refiner = FlowTurboRefiner(data.dim, hidden=64, depth=2, num_classes=data.num_classes)
+    loss = FlowTurboRefinerLoss(Counted(teacher, ledger, "teacher"), source=data.source)
+    budget = cfg.preset.refiner_steps * fp.batch * 3.0
+    t0 = time.perf_counter()
+    net, rec = train_stages(Counted(refiner, ledger, "refiner"),
+                            [Stage("refiner", loss, data.dataset(), fp.batch, 1e-3, budget)], data, ledger,
+                            cfg.seed)
+    wall = time.perf_counter() - t0
+    net.eval()
+    rows = {}
+    for k in (n for n in cfg.nfe if n >= 4):
+        n_refine = max(1, round(0.3 * (k - 1) / 0.7))
+        counts: dict[str, int] = {}
+
+        def fn(x0: torch.Tensor, cond: dict, k: int = k, n_refine: int = n_refine, counts=counts) -> tuple:
+            r = flowturbo_sample(teacher, x0, n_heun=1, n_pseudo=k - 2, n_refine=n_refine, refiner=net,
+                                 cond=cond)
+            counts["refiner"] = r.nfe_refiner
+            return r.x, r.nfe_predictor
+
+        m = _eval(data, fn)
+        rows[str(k)] = {**m, "n_refine": n_refine, "steps": k - 1 + n_refine,
+                        "refiner_calls": counts.get("refiner", 0)}
+    return {"metrics": rows, "train_wall_s": wall, "train_evals": ledger.evals, "stages": rec}
+
+
+def part_pruning(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str, Any]:
+    """Source pruning at Euler NFE 5 / 10 / 100: data-sparse axes (threshold 0.01) of the training data,
+    pruned N(0, I) draws (tau = 0.048), acceptance rate; the unpruned draws for comparison."""
+    from fewflow.solvers import uniform_grid
+    from fewflow.source_pruning import DirectionalPruning, PrunedSource, fit_pruning_axes
+    from fewflow.sources import GaussianSource
+
+    if data.name == "moons":
+        return {"skipped": "the source is the 8-gaussians data set, not a Gaussian: nothing to prune"}
+    axes = fit_pruning_axes(data.train)
+    src = PrunedSource(GaussianSource(data.shape), DirectionalPruning(axes, tau=0.048))
+    g = torch.Generator().manual_seed(cfg.seed + 31)
+    draw = src.sample_with_rate(data.eval_x0.shape[0], generator=g)
+    rows = {}
+    for k in (5, 10, 100):
+        grid = uniform_grid(k)
+        rows[str(k)] = {"pruned": _eval(data, _solve_fn(teacher, grid, lambda: "euler"), x0=draw.x),
+                        "gaussian": _eval(data, _solve_fn(teacher, grid, lambda: "euler"))}
+    return {"axes": int(axes.shape[0]), "acceptance_rate": draw.acceptance_rate, "tau": 0.048,
+            "metrics": rows}
+
+
+def part_guidance(cfg: SamplersConfig, data: BenchData, teacher: Any, plot_path: Path | None) -> dict[str, Any]:
+    """Digits: constant-scale CFG (``fewflow.guidance.CFG``) vs RAAG (``fewflow.guidance.raag.RAAG``,
+    unsquared ratio) at Euler NFE 2, 4, 8; FD-digits and classifier accuracy. Writes the RAAG ratio plot."""
+    from fewflow.guidance import CFG
+    from fewflow.guidance.raag import RAAG, plot_ratio_history
+    from fewflow.solvers import uniform_grid
+
+    assert data.num_classes is not None
+    rows: dict[str, Any] = {}
+    for w in cfg.preset.cfg_scales:
+        model = CFG(teacher, w, data.num_classes)
+        rows[f"CFG w={w:g}"] = {str(k): _eval(data, _solve_fn(model, uniform_grid(k), lambda: "euler"))
+                                for k in (2, 4, 8)}
+    history: dict[str, Any] = {}
+    for w_max, alpha in cfg.preset.raag:
+        rows[f"RAAG w_max={w_max:g} alpha={alpha:g}"] = r = {}
+        for k in (2, 4, 8):
+            model = RAAG(teacher, w_max, alpha, data.num_classes, record=(k == 8))
+            r[str(k)] = _eval(data, _solve_fn(model, uniform_grid(k), lambda: "euler"))
+            if k == 8:
+                history[f"w_max={w_max:g}, alpha={alpha:g}"] = model.ratio_history
+    if plot_path is not None and history:
+        plot_ratio_history(history, plot_path, title="RAAG on digits (Euler, 8 steps)")
+    return {"metrics": rows}
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def run_dataset(cfg: SamplersConfig, name: str) -> dict[str, Any]:
+    """Every part on one data set (cached part by part)."""
+    from fewflow.solvers.boss import boss_cost_matrix
+
+    torch.set_num_threads(1)
+    data = bench_data(cfg.fewstep, name)
+    teacher, tmeta = teacher_for(cfg.fewstep, data)
+    key = json_key({"teacher": tmeta["key"], "preset": asdict(cfg.preset), "nfe": list(cfg.nfe),
+                    "seed": cfg.seed, "n_eval": int(data.eval_x0.shape[0]), "v": 1})
+    folder = cfg.cache_dir / name / f"samplers-{key}"
+    res: dict[str, Any] = {"dataset": name, "kind": data.kind, "metric": primary_metric(data),
+                           "teacher": tmeta, "source": data.source_description()}
+    ref = _boss_reference(cfg, data, teacher)
+    cost = boss_cost_matrix(teacher, reference=ref)
+    parts: dict[str, Callable[[], dict[str, Any]]] = {
+        "grid": lambda: part_grid(cfg, data, teacher, cost),
+        "boss_refined": lambda: part_boss_refined(cfg, data, teacher, ref, cost),
+        "flowturbo_refiner": lambda: part_flowturbo_refiner(cfg, data, teacher),
+        "pruning": lambda: part_pruning(cfg, data, teacher),
+    }
+    if data.num_classes is not None:
+        plot = (Path(cfg.out_dir) / "samplers_raag_ratio.png") if cfg.out_dir is not None else None
+        parts["guidance"] = lambda: part_guidance(cfg, data, teacher, plot)
+    for part, fn in parts.items():
+        path = folder / f"{part}.json"
+        if path.is_file():
+            res[part] = json.loads(path.read_text())
+            _log(cfg, f"{name}/{part}: cached")
+            continue
+        t0 = time.perf_counter()
+        try:
+            res[part] = fn()
+        except Exception as exc:  # reported in the table, never silently dropped
+            res[part] = {"error": f"{type(exc).__name__}: {exc}"}
+        res[part]["wall_s"] = time.perf_counter() - t0
+        atomic_write_json(path, res[part])
+        _log(cfg, f"{name}/{part}: done in {res[part]['wall_s']:.0f} s")
+    res["boss_grids"] = {str(k): schedule_grid("boss", k, cost).tolist() for k in cfg.nfe}
+    return res
+
+
+def check_sampler_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 5's claims, computed: BOSS <= uniform (Euler) at every NFE and < at NFE <= 4; refinement
+    improves BOSS; FlowTurbo (pseudo-corrector) beats Heun and Euler at equal predictor NFE (>= 4); no
+    quality loss from pruning at 100 NFE (within 10 %); RAAG at least as good as the best constant CFG at
+    NFE <= 4 on FD-digits with equal or better accuracy."""
+    claims = []
+    for name, r in results.items():
+        met = r["metric"]
+        grid = r.get("grid", {})
+        if "error" in grid or not grid:
+            continue
+
+        def val(key: str, k: Any, grid: dict = grid, met: str = met) -> float:
+            return grid.get(key, {}).get(str(k), {}).get(met, math.inf)
+
+        ks = sorted(int(k) for k in grid.get("uniform/euler", {}))
+        never_worse = all(val("boss/euler", k) <= val("uniform/euler", k) * 1.0 + 1e-12 for k in ks if k > 1)
+        better_small = all(val("boss/euler", k) < val("uniform/euler", k) for k in ks if 1 < k <= 4)
+        claims.append({"dataset": name, "claim": "BOSS grid never worse than uniform (Euler, NFE >= 2)",
+                       "value": ", ".join(f"{k}: {val('boss/euler', k):.3g} vs {val('uniform/euler', k):.3g}"
+                                          for k in ks if k > 1), "met": never_worse})
+        claims.append({"dataset": name, "claim": "BOSS grid better than uniform at NFE 2-4", "value": "see above",
+                       "met": better_small})
+        br = r.get("boss_refined", {}).get("metrics", {})
+        if br:
+            kk = [k for k in br if int(k) > 1]
+            ok = all(br[k][met] < val("boss/euler", k) for k in kk)
+            claims.append({"dataset": name, "claim": "BOSS refinement improves the BOSS grid (Euler)",
+                           "value": ", ".join(f"{k}: {br[k][met]:.3g} vs {val('boss/euler', k):.3g}" for k in kk),
+                           "met": ok})
+        fk = [k for k in ks if k >= 4]
+        ok = all(val("uniform/flowturbo", k) < min(val("uniform/heun", k), val("uniform/euler", k)) for k in fk)
+        claims.append({"dataset": name, "claim": "FlowTurbo pseudo-corrector beats Heun and Euler (uniform, "
+                       "equal predictor NFE >= 4)",
+                       "value": ", ".join(f"{k}: {val('uniform/flowturbo', k):.3g} / {val('uniform/heun', k):.3g} / "
+                                          f"{val('uniform/euler', k):.3g}" for k in fk), "met": ok})
+        pr = r.get("pruning", {})
+        if "metrics" in pr:
+            a, b = pr["metrics"]["100"]["pruned"][met], pr["metrics"]["100"]["gaussian"][met]
+            claims.append({"dataset": name, "claim": "pruning: no quality loss at 100 NFE (within 10 %)",
+                           "value": f"{a:.4g} vs {b:.4g} (acceptance {pr['acceptance_rate']:.3f}, "
+                                    f"{pr['axes']} axes)", "met": bool(a <= 1.1 * b)})
+        gd = r.get("guidance", {}).get("metrics", {})
+        if gd:
+            for k in ("2", "4"):
+                cfgs = {n: v[k] for n, v in gd.items() if n.startswith("CFG")}
+                raags = {n: v[k] for n, v in gd.items() if n.startswith("RAAG")}
+                bc = min(cfgs, key=lambda n: cfgs[n]["fd"])
+                br_ = min(raags, key=lambda n: raags[n]["fd"])
+                ok = raags[br_]["fd"] <= cfgs[bc]["fd"] and raags[br_]["acc"] >= cfgs[bc]["acc"]
+                claims.append({"dataset": name, "claim": f"RAAG >= best constant CFG at NFE {k} (FD, acc)",
+                               "value": f"{br_}: FD {raags[br_]['fd']:.3g} acc {raags[br_]['acc']:.3f} vs {bc}: "
+                                        f"FD {cfgs[bc]['fd']:.3g} acc {cfgs[bc]['acc']:.3f}", "met": bool(ok)})
+    return claims
+
+
+def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Path]:
+    """``samplers.md`` (tables + claims), ``samplers.json`` and ``samplers.png`` (quality vs NFE, Euler and
+    the best stepper per schedule)."""
+    assert cfg.out_dir is not None
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    claims = check_sampler_claims(results)
+    lines = [f"# Samplers benchmark ({cfg.mode} mode)", "",
+             f"Generated by `python benchmarks/samplers.py --{cfg.mode}` in {wall_s / 60:.1f} min on the "
+             f"few-step benchmark's teachers (seed {cfg.seed}, torch {torch.__version__}, one thread per "
+             "process). NFE = batched network evaluations per sample counted by the solver; wall = seconds "
+             "to sample the whole evaluation set. See docs/benchmarks.md.", ""]
+    if claims:
+        lines += ["## Claims (computed)", "", format_table(["data set", "claim", "measured", "met"],
+                                                          [[c["dataset"], c["claim"], c["value"], c["met"]]
+                                                           for c in claims]), ""]
+    panels = {}
+    for name, r in results.items():
+        met = r["metric"]
+        pretty = {"sw2": "sliced-W2", "fd": "FD-digits"}[met]
+        lines += [f"## {name} ({r['source']} -> {name}; {pretty}, lower is better)", ""]
+        grid = r.get("grid", {})
+        if "error" in grid:
+            lines += [f"schedule x stepper grid FAILED: {grid['error']}", ""]
+            grid = {}
+        head = ["schedule / stepper"] + [f"NFE {k}" for k in cfg.nfe] + ["wall s @max NFE"]
+        rows = []
+        for key, row in grid.items():
+            if key == "wall_s":
+                continue
+            last = row[str(max(int(k) for k in row))] if row else {}
+            rows.append([key] + [row.get(str(k), {}).get(met) for k in cfg.nfe] + [last.get("sample_wall_s")])
+        br = r.get("boss_refined", {})
+        if "metrics" in br:
+            rows.append(["boss refined / euler"] + [br["metrics"].get(str(k), {}).get(met) for k in cfg.nfe]
+                        + [None])
+        ft = r.get("flowturbo_refiner", {})
+        if "metrics" in ft:
+            rows.append(["uniform / flowturbo + refiner (predictor NFE)"]
+                        + [ft["metrics"].get(str(k), {}).get(met) for k in cfg.nfe] + [None])
+        lines += [format_table(head, rows), ""]
+        if "metrics" in br:
+            lines += [f"BOSS refinement: {br['stages'][0]['steps']} steps, {br['train_wall_s']:.0f} s on "
+                      f"{br['reference_draws']} reference trajectories (100 Euler steps). Bellman grids: "
+                      + "; ".join(f"K={k}: " + ", ".join(f"{t:.2f}" for t in g)
+                                  for k, g in r["boss_grids"].items() if int(k) <= 4) + ".", ""]
+        elif "error" in br:
+            lines += [f"BOSS refinement FAILED: {br['error']}", ""]
+        if "metrics" in ft:
+            lines += ["FlowTurbo refiner: " + f"{ft['stages'][0]['steps']} steps, {ft['train_wall_s']:.0f} s; "
+                      + "; ".join(f"predictor NFE {k}: {v['steps']} steps with {v['n_refine']} refiner blocks "
+                                  f"({v['refiner_calls']} refiner calls)" for k, v in ft["metrics"].items()) + ".",
+                      ""]
+        elif "error" in ft:
+            lines += [f"FlowTurbo refiner FAILED: {ft['error']}", ""]
+        pr = r.get("pruning", {})
+        if "metrics" in pr:
+            sec = "mmd" if r["kind"] == "toy" else "acc"
+            prow = [[f"Euler NFE {k}", v["gaussian"][met], v["pruned"][met], v["gaussian"].get(sec),
+                     v["pruned"].get(sec)] for k, v in pr["metrics"].items()]
+            lines += [f"Source pruning: {pr['axes']} data-sparse axes, tau {pr['tau']}, acceptance rate "
+                      f"{pr['acceptance_rate']:.3f}.", "",
+                      format_table(["sampler", f"{pretty} N(0,I)", f"{pretty} pruned", f"{sec} N(0,I)",
+                                    f"{sec} pruned"], prow), ""]
+        elif pr:
+            lines += [f"Source pruning: {pr.get('skipped') or pr.get('error')}", ""]
+        gd = r.get("guidance", {})
+        if "metrics" in gd:
+            grows = [[n] + [v[k]["fd"] for k in ("2", "4", "8")] + [v[k]["acc"] for k in ("2", "4", "8")]
+                     for n, v in gd["metrics"].items()]
+            lines += ["Guidance (Euler, uniform grid; a CFG call is one batched forward of 2B):", "",
+                      format_table(["guidance", "FD @2", "FD @4", "FD @8", "acc @2", "acc @4", "acc @8"], grows),
+                      "", "RAAG ratio along the trajectory: `samplers_raag_ratio.png`.", ""]
+        elif "error" in gd:
+            lines += [f"Guidance FAILED: {gd['error']}", ""]
+        curves = {}
+        for key, row in grid.items():
+            if key.endswith("/euler") or key == "uniform/flowturbo" or key == "uniform/heun":
+                ks = sorted(int(k) for k in row)
+                curves[key] = (ks, [row[str(k)][met] for k in ks])
+        if "metrics" in br:
+            ks = sorted(int(k) for k in br["metrics"])
+            curves["boss refined/euler"] = (ks, [br["metrics"][str(k)][met] for k in ks])
+        panels[name] = {"metric": pretty, "curves": curves, "hlines": {}}
+    paths = {"md": out / "samplers.md", "json": out / "samplers.json", "png": out / "samplers.png"}
+    paths["md"].write_text("\n".join(lines))
+    atomic_write_json(paths["json"], {"mode": cfg.mode, "seed": cfg.seed, "wall_s": wall_s, "claims": claims,
+                                      "nfe": list(cfg.nfe), "results": results})
+    if panels:
+        plot_quality_vs_nfe(panels, paths["png"], "samplers on the CFM teachers: quality vs NFE")
+    return paths
+
+
+def _run_one(args: tuple[SamplersConfig, str]) -> dict[str, Any]:
+    cfg, name = args
+    torch.set_num_threads(1)
+    return run_dataset(cfg, name)
+
+
+def run(cfg: SamplersConfig) -> dict[str, Any]:
+    """Run the benchmark (teachers from the shared cache, trained there if missing) and write the report
+    when ``cfg.out_dir`` is set. Returns ``{"results", "claims", "paths", "wall_s"}``."""
+    t0 = time.perf_counter()
+    names = list(cfg.datasets or ())
+    if cfg.workers > 1 and len(names) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as ex:
+            outs = list(ex.map(_run_one, [(cfg, n) for n in sorted(names, key=lambda n: n != "digits")]))
+        got = {o["dataset"]: o for o in outs}
+        results = {n: got[n] for n in names}
+    else:
+        results = {n: run_dataset(cfg, n) for n in names}
+    wall = time.perf_counter() - t0
+    paths = write_report(cfg, results, wall) if cfg.out_dir is not None else {}
+    return {"results": results, "claims": check_sampler_claims(results), "paths": paths, "wall_s": wall}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fewflow bench samplers", description=__doc__.splitlines()[0])
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI mode (default)")
+    g.add_argument("--full", action="store_const", dest="mode", const="full", help="the committed tables")
+    g.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny (tests)")
+    ap.add_argument("--datasets", default=None, help="comma-separated: checkerboard,moons,digits")
+    ap.add_argument("--workers", type=int, default=1, help="data sets in parallel processes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default benchmarks/.cache)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for samplers.{md,json,png}")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> SamplersConfig:
+    a = parser().parse_args(argv)
+    kw: dict[str, Any] = {}
+    if a.cache is not None:
+        kw["cache_dir"] = a.cache
+    return SamplersConfig(mode=a.mode or "quick", datasets=tuple(a.datasets.split(",")) if a.datasets else None,
+                          seed=a.seed, out_dir=a.out, workers=a.workers, verbose=not a.quiet, **kw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python benchmarks/samplers.py [--quick|--full|--smoke] [--datasets ...]``."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = run(config_from_args(argv))
+    for c in out["claims"]:
+        print(f"claim [{c['dataset']}] {c['claim']}: {'MET' if c['met'] else 'NOT MET'} ({c['value']})")
+    if out["paths"]:
+        print("wrote", ", ".join(str(p) for p in out["paths"].values()))
+    return 0
