@@ -281,7 +281,8 @@ def part_pruning(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str
     if data.name == "moons":
         return {"skipped": "the source is the 8-gaussians data set, not a Gaussian: nothing to prune"}
     axes = fit_pruning_axes(data.train)
-    src = PrunedSource(GaussianSource(data.shape), DirectionalPruning(axes, tau=0.048))
+    tau = min(1.0, 0.048 * math.sqrt(3072 / data.dim))  # CIFAR-10 tau, same per-axis rejection in d dims
+    src = PrunedSource(GaussianSource(data.shape), DirectionalPruning(axes, tau=tau))
     g = torch.Generator().manual_seed(cfg.seed + 31)
     draw = src.sample_with_rate(data.eval_x0.shape[0], generator=g)
     rows = {}
@@ -289,7 +290,7 @@ def part_pruning(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str
         grid = uniform_grid(k)
         rows[str(k)] = {"pruned": _eval(data, _solve_fn(teacher, grid, lambda: "euler"), x0=draw.x),
                         "gaussian": _eval(data, _solve_fn(teacher, grid, lambda: "euler"))}
-    return {"axes": int(axes.shape[0]), "acceptance_rate": draw.acceptance_rate, "tau": 0.048,
+    return {"axes": int(axes.shape[0]), "acceptance_rate": draw.acceptance_rate, "tau": tau,
             "metrics": rows}
 
 
