@@ -321,8 +321,15 @@ def make_net(data: BenchData, spec: NetSpec, flow_map: bool = False) -> nn.Modul
     """An MLP for ``data`` (class-conditional when the data set has labels)."""
     from fewflow.models import MLP
 
-    return MLP(data.dim, hidden=spec.hidden, depth=spec.depth, time_features="fourier",
-               num_classes=data.num_classes, flow_map=flow_map, num_frequencies=spec.num_frequencies)
+    return MLP(
+        data.dim,
+        hidden=spec.hidden,
+        depth=spec.depth,
+        time_features="fourier",
+        num_classes=data.num_classes,
+        flow_map=flow_map,
+        num_frequencies=spec.num_frequencies,
+    )
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -368,8 +375,9 @@ def _probe_batch(stage: Stage, data: BenchData) -> tuple[Tensor, dict[str, Any]]
     return x1, cond
 
 
-def count_step(objective: Callable[..., Any], student: nn.Module, x1: Tensor, cond: dict[str, Any],
-               ledger: Ledger) -> float:
+def count_step(
+    objective: Callable[..., Any], student: nn.Module, x1: Tensor, cond: dict[str, Any], ledger: Ledger
+) -> float:
     """Forward-equivalents of one optimiser step: one objective call plus backward on a throw-away copy
     of the student (teacher calls are charged through their own :class:`Counted` wrapper)."""
     probe = copy.deepcopy(student)
@@ -389,8 +397,9 @@ def budget_steps(budget: float, per_step: float) -> int:
     return max(1, int(budget // per_step))
 
 
-def train_stages(student: nn.Module, stages: Sequence[Stage], data: BenchData, ledger: Ledger,
-                 seed: int) -> tuple[nn.Module, list[dict[str, Any]]]:
+def train_stages(
+    student: nn.Module, stages: Sequence[Stage], data: BenchData, ledger: Ledger, seed: int
+) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Train ``student`` (a :class:`Counted` network) through ``stages`` with :class:`fewflow.train.Trainer`
     (AdamW, grad-clip 1, EMA), each stage within its budget; the next stage starts from the previous
     stage's EMA weights. Returns the final EMA network (unwrapped) and one record per stage."""
@@ -402,8 +411,17 @@ def train_stages(student: nn.Module, stages: Sequence[Stage], data: BenchData, l
         per_step = count_step(st.objective, student, x1, cond, ledger)
         steps = budget_steps(st.budget, per_step)
         before = ledger.evals
-        cfg = TrainConfig(steps=steps, batch_size=st.batch_size, lr=st.lr, ema_decay=st.ema_decay,
-                          seed=seed * 100 + k, progress=False, log_every=0, ckpt_every=0, device="cpu")
+        cfg = TrainConfig(
+            steps=steps,
+            batch_size=st.batch_size,
+            lr=st.lr,
+            ema_decay=st.ema_decay,
+            seed=seed * 100 + k,
+            progress=False,
+            log_every=0,
+            ckpt_every=0,
+            device="cpu",
+        )
         batches = st.data() if callable(st.data) else st.data
         t0 = time.perf_counter()
         tr = Trainer(student, st.objective, batches, cfg)
@@ -413,25 +431,45 @@ def train_stages(student: nn.Module, stages: Sequence[Stage], data: BenchData, l
         with torch.no_grad():
             for p, q in zip(student.parameters(), ema.parameters()):
                 p.copy_(q)
-        records.append({"stage": st.name, "steps": int(res.step), "per_step_evals": per_step,
-                        "budget": st.budget, "evals": ledger.evals - before, "wall_s": wall,
-                        "last_loss": float(res.last_loss), "stopped": res.stopped_reason})
+        records.append(
+            {
+                "stage": st.name,
+                "steps": int(res.step),
+                "per_step_evals": per_step,
+                "budget": st.budget,
+                "evals": ledger.evals - before,
+                "wall_s": wall,
+                "last_loss": float(res.last_loss),
+                "stopped": res.stopped_reason,
+            }
+        )
         if res.stopped_reason != "completed":
             break
     net = student.net if isinstance(student, Counted) else student
     return net, records
 
 
-def train_teacher(data: BenchData, spec: NetSpec, steps: int, batch_size: int, lr: float, seed: int,
-                  cache_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+def train_teacher(
+    data: BenchData, spec: NetSpec, steps: int, batch_size: int, lr: float, seed: int, cache_dir: Path
+) -> tuple[nn.Module, dict[str, Any]]:
     """The CFM teacher (linear path, independent coupling, ``fewflow.objectives.CFMLoss``; the data set's
     source), trained once per (data set, network, steps, batch, lr, seed) and cached as safetensors +
     JSON under ``cache_dir/<data set>/teacher-<key>/``. Shared by both benchmarks."""
     from fewflow.objectives import CFMLoss
     from fewflow.paths import AffinePath
 
-    key = json_key({"data": data.name, "net": asdict(spec), "steps": steps, "batch": batch_size, "lr": lr,
-                    "seed": seed, "n_train": int(data.train.shape[0]), "v": 1})
+    key = json_key(
+        {
+            "data": data.name,
+            "net": asdict(spec),
+            "steps": steps,
+            "batch": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "n_train": int(data.train.shape[0]),
+            "v": 1,
+        }
+    )
     folder = Path(cache_dir) / data.name / f"teacher-{key}"
     net = make_net(data, spec)
     if (folder / "meta.json").is_file() and (folder / "model.safetensors").is_file():
@@ -444,10 +482,18 @@ def train_teacher(data: BenchData, spec: NetSpec, steps: int, batch_size: int, l
     ledger = Ledger()
     obj = CFMLoss(AffinePath("linear"), source=data.source)
     budget = steps * batch_size * (FWD + BWD)
-    trained, recs = train_stages(Counted(net, ledger), [Stage("cfm", obj, data.dataset(), batch_size, lr,
-                                                              budget)], data, ledger, seed)
-    meta = {"key": key, "steps": recs[0]["steps"], "train_wall_s": recs[0]["wall_s"],
-            "train_evals": recs[0]["evals"], "batch": batch_size, "lr": lr, "net": asdict(spec)}
+    trained, recs = train_stages(
+        Counted(net, ledger), [Stage("cfm", obj, data.dataset(), batch_size, lr, budget)], data, ledger, seed
+    )
+    meta = {
+        "key": key,
+        "steps": recs[0]["steps"],
+        "train_wall_s": recs[0]["wall_s"],
+        "train_evals": recs[0]["evals"],
+        "batch": batch_size,
+        "lr": lr,
+        "net": asdict(spec),
+    }
     save_state(trained, folder / "model.safetensors")
     atomic_write_json(folder / "meta.json", meta)
     meta["cached"] = False
@@ -457,8 +503,9 @@ def train_teacher(data: BenchData, spec: NetSpec, steps: int, batch_size: int, l
 # ----------------------------------------------------------------------------------------- evaluation
 
 
-def measure_samples(sample_fn: Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, int]], data: BenchData,
-                    batch: int = 4000) -> tuple[Tensor, int, float]:
+def measure_samples(
+    sample_fn: Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, int]], data: BenchData, batch: int = 4000
+) -> tuple[Tensor, int, float]:
     """Run ``sample_fn(x0, cond) -> (x, nfe)`` on the fixed evaluation draws (in chunks of ``batch``);
     returns samples, NFE per sample (batched forwards of one chunk) and sampling wall time in seconds."""
     xs, nfe = [], 0

@@ -77,8 +77,17 @@ from fewflow.bench.common import (
     train_teacher,
 )
 
-__all__ = ["FewstepConfig", "Preset", "PRESETS", "METHODS", "ABLATIONS", "run", "main", "method_names",
-           "check_claims"]
+__all__ = [
+    "FewstepConfig",
+    "Preset",
+    "PRESETS",
+    "METHODS",
+    "ABLATIONS",
+    "run",
+    "main",
+    "method_names",
+    "check_claims",
+]
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -120,8 +129,11 @@ PRESETS: dict[str, dict[str, Preset]] = {
     },
 }
 
-DEFAULT_DATASETS = {"smoke": ("checkerboard", "digits"), "quick": ("checkerboard", "moons", "digits"),
-                    "full": ("checkerboard", "moons", "digits")}
+DEFAULT_DATASETS = {
+    "smoke": ("checkerboard", "digits"),
+    "quick": ("checkerboard", "moons", "digits"),
+    "full": ("checkerboard", "moons", "digits"),
+}
 
 
 @dataclass
@@ -211,9 +223,18 @@ class Context:
                 return {"y": torch.randint(0, k, (m,), generator=g)}
 
         t0 = time.perf_counter()
-        generate_reflow_pairs(Counted(model, self.ledger, "pair-teacher"), self.data.source, p.n_pairs,
-                              folder, steps=p.pair_steps, stepper="heun", batch_size=4096,
-                              shard_size=max(1024, p.n_pairs // 4), cond_fn=cond_fn, seed=seed)
+        generate_reflow_pairs(
+            Counted(model, self.ledger, "pair-teacher"),
+            self.data.source,
+            p.n_pairs,
+            folder,
+            steps=p.pair_steps,
+            stepper="heun",
+            batch_size=4096,
+            shard_size=max(1024, p.n_pairs // 4),
+            cond_fn=cond_fn,
+            seed=seed,
+        )
         info = {"wall_s": time.perf_counter() - t0, "evals": p.n_pairs * nfe_each}
         atomic_write_json(info_path, info)
         return folder, info
@@ -257,13 +278,20 @@ def _reflow(ctx: Context, rounds: int = 1) -> Plan:
         Stage("reflow-1", obj, lambda: infinite_dict_batches(folder, p.batch, ctx.seed), p.batch, p.lr, share)
     ]
     if rounds == 2:
+
         def second(student: Counted) -> Stage:
             net = student.net
             key = json_key({"teacher": ctx.teacher_key, "p": asdict(p), "round1": "v1"})
             f2, _ = ctx.pairs(net.eval(), f"reflow1-{key}", ctx.seed + 1)
             net.train()
-            return Stage("reflow-2", obj, lambda: infinite_dict_batches(f2, p.batch, ctx.seed + 1), p.batch,
-                         p.lr, share)
+            return Stage(
+                "reflow-2",
+                obj,
+                lambda: infinite_dict_batches(f2, p.batch, ctx.seed + 1),
+                p.batch,
+                p.lr,
+                share,
+            )
 
         stages.append(second)
     return Plan(student, stages, "euler")
@@ -298,7 +326,9 @@ def _splitmeanflow(ctx: Context) -> Plan:
     p = ctx.preset
     loss = SplitMeanFlowLoss(source=ctx.data.source, teacher=ctx.counted_teacher())
     student = ctx.student(flow_map=True, init=True)
-    return Plan(student, [Stage("splitmeanflow", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "flowmap")
+    return Plan(
+        student, [Stage("splitmeanflow", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "flowmap"
+    )
 
 
 def _mfrae(ctx: Context) -> Plan:
@@ -310,16 +340,23 @@ def _mfrae(ctx: Context) -> Plan:
     mfd = MeanFlowDistillationLoss(teacher, source=ctx.data.source)
     student = ctx.student(flow_map=True, init=True)
     b_cmt = max(1, p.batch // 8)  # 8 grid pairs per trajectory: p.batch regression rows per step
-    return Plan(student, [Stage("cmt", cmt, ctx.data.dataset(), b_cmt, p.lr, p.budget / 2),
-                          Stage("mfd", mfd, ctx.data.dataset(), p.batch, p.lr, p.budget / 2)], "flowmap")
+    return Plan(
+        student,
+        [
+            Stage("cmt", cmt, ctx.data.dataset(), b_cmt, p.lr, p.budget / 2),
+            Stage("mfd", mfd, ctx.data.dataset(), p.batch, p.lr, p.budget / 2),
+        ],
+        "flowmap",
+    )
 
 
 def _mdt(ctx: Context, vd: bool) -> Plan:
     from fewflow.objectives.mdt import MDTDistLoss
 
     p = ctx.preset
-    loss = MDTDistLoss(ctx.counted_teacher(), lambda_vm=1.0, lambda_vd=1.0 if vd else 0.0,
-                       source=ctx.data.source)
+    loss = MDTDistLoss(
+        ctx.counted_teacher(), lambda_vm=1.0, lambda_vd=1.0 if vd else 0.0, source=ctx.data.source
+    )
     student = ctx.student(flow_map=True, init=True)
     return Plan(student, [Stage("mdt", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "mdt")
 
@@ -329,8 +366,13 @@ def _consistency(ctx: Context) -> Plan:
     from fewflow.objectives.meanflow import TimePairSampler
 
     p = ctx.preset
-    loss = ConsistencyLoss(ctx.counted_teacher(), delta=1.0 / 16, teacher_stepper="heun",
-                           time_sampler=TimePairSampler.uniform(), source=ctx.data.source)
+    loss = ConsistencyLoss(
+        ctx.counted_teacher(),
+        delta=1.0 / 16,
+        teacher_stepper="heun",
+        time_sampler=TimePairSampler.uniform(),
+        source=ctx.data.source,
+    )
     student = ctx.student(flow_map=True, init=True)
     return Plan(student, [Stage("cd", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "flowmap")
 
@@ -361,10 +403,17 @@ ABLATIONS: dict[str, Callable[[Context], Plan]] = {
     "meanflow_wrong_tangents": lambda c: _meanflow(c, tangents="end_time"),
 }
 LABELS = {
-    "reflow": "Reflow (2-RF)", "reflow2": "Reflow x2 (3-RF)", "rectified_diffusion": "Rectified Diffusion",
-    "meanflow": "MeanFlow", "splitmeanflow": "SplitMeanFlow", "mfrae": "MF-RAE (CMT->MFD)",
-    "mdt_vm": "MDT-dist VM", "mdt_vmvd": "MDT-dist VM+VD", "consistency": "Consistency distillation",
-    "shortcut": "Shortcut", "meanflow_ratio0": "ablation: MeanFlow 0% s!=t",
+    "reflow": "Reflow (2-RF)",
+    "reflow2": "Reflow x2 (3-RF)",
+    "rectified_diffusion": "Rectified Diffusion",
+    "meanflow": "MeanFlow",
+    "splitmeanflow": "SplitMeanFlow",
+    "mfrae": "MF-RAE (CMT->MFD)",
+    "mdt_vm": "MDT-dist VM",
+    "mdt_vmvd": "MDT-dist VM+VD",
+    "consistency": "Consistency distillation",
+    "shortcut": "Shortcut",
+    "meanflow_ratio0": "ablation: MeanFlow 0% s!=t",
     "meanflow_wrong_tangents": "ablation: MeanFlow wrong tangents",
 }
 
@@ -407,8 +456,7 @@ def evaluate(net: torch.nn.Module, kind: str, data: BenchData, nfes: Sequence[in
     for k in nfes:
         x, nfe, wall = measure_samples(sampler_fn(net, kind, int(k)), data)
         m = quality(data, x, data.eval_y)
-        out[str(k)] = {**m, "nfe": nfe, "sample_wall_s": wall,
-                       "ms_per_1k": 1000 * wall / x.shape[0] * 1000}
+        out[str(k)] = {**m, "nfe": nfe, "sample_wall_s": wall, "ms_per_1k": 1000 * wall / x.shape[0] * 1000}
     return out
 
 
@@ -443,25 +491,41 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
     data = bench_data(cfg, name)
     p = cfg.preset(name)
     teacher, tmeta = teacher_for(cfg, data)
-    _log(cfg, f"{name}: teacher ready ({'cached' if tmeta.get('cached') else 'trained'}, "
-              f"{tmeta['train_wall_s']:.0f} s)")
+    _log(
+        cfg,
+        f"{name}: teacher ready ({'cached' if tmeta.get('cached') else 'trained'}, "
+        f"{tmeta['train_wall_s']:.0f} s)",
+    )
     folder = cfg.cache_dir / name
     tkey = tmeta["key"]
     # teacher rows and the floor (cheap; cached too)
-    tpath = folder / f"teacher-{tkey}" / f"eval-{json_key([list(cfg.nfe), p.n_eval, p.teacher_ref_steps])}.json"
+    tpath = (
+        folder / f"teacher-{tkey}" / f"eval-{json_key([list(cfg.nfe), p.n_eval, p.teacher_ref_steps])}.json"
+    )
     if tpath.is_file():
         teacher_eval = json.loads(tpath.read_text())
     else:
         nfes = sorted({*cfg.nfe, 8, p.teacher_ref_steps})
-        teacher_eval = {"metrics": evaluate(teacher, "euler", data, nfes), "floor": floor_metrics(data),
-                        "meta": tmeta}
+        teacher_eval = {
+            "metrics": evaluate(teacher, "euler", data, nfes),
+            "floor": floor_metrics(data),
+            "meta": tmeta,
+        }
         atomic_write_json(tpath, teacher_eval)
-    results: dict[str, Any] = {"dataset": name, "kind": data.kind, "teacher": teacher_eval,
-                               "metric": primary_metric(data), "preset": asdict(p), "budget": p.budget,
-                               "source": data.source_description(), "methods": {}}
+    results: dict[str, Any] = {
+        "dataset": name,
+        "kind": data.kind,
+        "teacher": teacher_eval,
+        "metric": primary_metric(data),
+        "preset": asdict(p),
+        "budget": p.budget,
+        "source": data.source_description(),
+        "methods": {},
+    }
     for m in method_names(cfg):
-        key = json_key({"m": m, "teacher": tkey, "preset": asdict(p), "seed": cfg.seed, "nfe": list(cfg.nfe),
-                        "v": 1})
+        key = json_key(
+            {"m": m, "teacher": tkey, "preset": asdict(p), "seed": cfg.seed, "nfe": list(cfg.nfe), "v": 1}
+        )
         mdir = folder / f"{m}-{key}"
         rpath = mdir / "result.json"
         if rpath.is_file():
@@ -486,17 +550,36 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
                 records += rec
             train_wall = time.perf_counter() - t0 + ctx.cached_wall_s
             metrics = evaluate(net, plan.sampler, data, cfg.nfe)
-            res = {"method": m, "label": LABELS.get(m, m), "dataset": name, "key": key, "budget": p.budget,
-                   "train_evals": ledger.evals, "pair_and_setup_evals": pre_evals, "stages": records,
-                   "ledger": dict(ledger.by_kind), "train_wall_s": train_wall, "sampler": plan.sampler,
-                   "metrics": metrics, "error": None}
+            res = {
+                "method": m,
+                "label": LABELS.get(m, m),
+                "dataset": name,
+                "key": key,
+                "budget": p.budget,
+                "train_evals": ledger.evals,
+                "pair_and_setup_evals": pre_evals,
+                "stages": records,
+                "ledger": dict(ledger.by_kind),
+                "train_wall_s": train_wall,
+                "sampler": plan.sampler,
+                "metrics": metrics,
+                "error": None,
+            }
             save_state(net, mdir / "model.safetensors")
         except Exception as exc:  # a failing method is reported in the table, not silently dropped
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            res = {"method": m, "label": LABELS.get(m, m), "dataset": name, "key": key, "budget": p.budget,
-                   "error": f"{type(exc).__name__}: {exc}", "metrics": {}, "train_wall_s":
-                   time.perf_counter() - t0, "train_evals": ledger.evals}
+            res = {
+                "method": m,
+                "label": LABELS.get(m, m),
+                "dataset": name,
+                "key": key,
+                "budget": p.budget,
+                "error": f"{type(exc).__name__}: {exc}",
+                "metrics": {},
+                "train_wall_s": time.perf_counter() - t0,
+                "train_evals": ledger.evals,
+            }
             _log(cfg, f"{name}/{m}: FAILED {res['error']}")
         atomic_write_json(rpath, res)
         results["methods"][m] = res
@@ -511,8 +594,16 @@ def load_student(cfg: FewstepConfig, name: str, method: str) -> tuple[torch.nn.M
     data = bench_data(cfg, name)
     p = cfg.preset(name)
     _, tmeta = teacher_for(cfg, data)
-    key = json_key({"m": method, "teacher": tmeta["key"], "preset": asdict(p), "seed": cfg.seed,
-                    "nfe": list(cfg.nfe), "v": 1})
+    key = json_key(
+        {
+            "m": method,
+            "teacher": tmeta["key"],
+            "preset": asdict(p),
+            "seed": cfg.seed,
+            "nfe": list(cfg.nfe),
+            "v": 1,
+        }
+    )
     mdir = cfg.cache_dir / name / f"{method}-{key}"
     if not (mdir / "model.safetensors").is_file():
         return None
@@ -545,15 +636,27 @@ def check_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         nfe = "1" if r["kind"] == "toy" else "2"
         vals = {m: v["metrics"].get(nfe, {}).get(met, math.inf) for m, v in main.items()}
         best_m = min(vals, key=lambda k: vals[k])
-        claims.append({"dataset": name, "claim": f"best method at {nfe} NFE within 1.5x of teacher@{ref_key}",
-                       "value": f"{LABELS.get(best_m, best_m)}: {vals[best_m]:.4g} vs 1.5 x {ref:.4g} = "
-                                f"{1.5 * ref:.4g}", "met": bool(vals[best_m] <= 1.5 * ref)})
+        claims.append(
+            {
+                "dataset": name,
+                "claim": f"best method at {nfe} NFE within 1.5x of teacher@{ref_key}",
+                "value": f"{LABELS.get(best_m, best_m)}: {vals[best_m]:.4g} vs 1.5 x {ref:.4g} = "
+                f"{1.5 * ref:.4g}",
+                "met": bool(vals[best_m] <= 1.5 * ref),
+            }
+        )
         if r["kind"] == "toy":
             t1 = tm["1"][met]
             worst = max(vals, key=lambda k: vals[k])
-            claims.append({"dataset": name, "claim": "every method at 1 NFE beats teacher 1-step Euler by >= 3x",
-                           "value": f"worst {LABELS.get(worst, worst)}: {vals[worst]:.4g} vs {t1:.4g} / 3 = "
-                                    f"{t1 / 3:.4g}", "met": bool(vals[worst] <= t1 / 3)})
+            claims.append(
+                {
+                    "dataset": name,
+                    "claim": "every method at 1 NFE beats teacher 1-step Euler by >= 3x",
+                    "value": f"worst {LABELS.get(worst, worst)}: {vals[worst]:.4g} vs {t1:.4g} / 3 = "
+                    f"{t1 / 3:.4g}",
+                    "met": bool(vals[worst] <= t1 / 3),
+                }
+            )
     return claims
 
 
@@ -566,15 +669,25 @@ def write_report(cfg: FewstepConfig, results: dict[str, dict[str, Any]], wall_s:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     claims = check_claims(results)
-    lines = [f"# Few-step benchmark ({cfg.mode} mode)", "",
-             f"Generated by `python benchmarks/fewstep.py --{cfg.mode}` in {wall_s / 60:.1f} min "
-             f"(seed {cfg.seed}, torch {torch.__version__}, {torch.get_num_threads()} thread(s) per process, "
-             f"{cfg.workers} process(es)). Budgets are network evaluations in forward-equivalents per sample "
-             "(backward = 2, JVP = 3; teacher pairs and trajectories included); see docs/benchmarks.md.", ""]
+    lines = [
+        f"# Few-step benchmark ({cfg.mode} mode)",
+        "",
+        f"Generated by `python benchmarks/fewstep.py --{cfg.mode}` in {wall_s / 60:.1f} min "
+        f"(seed {cfg.seed}, torch {torch.__version__}, {torch.get_num_threads()} thread(s) per process, "
+        f"{cfg.workers} process(es)). Budgets are network evaluations in forward-equivalents per sample "
+        "(backward = 2, JVP = 3; teacher pairs and trajectories included); see docs/benchmarks.md.",
+        "",
+    ]
     if claims:
-        lines += ["## Claims (computed)", "",
-                  format_table(["data set", "claim", "measured", "met"],
-                               [[c["dataset"], c["claim"], c["value"], c["met"]] for c in claims]), ""]
+        lines += [
+            "## Claims (computed)",
+            "",
+            format_table(
+                ["data set", "claim", "measured", "met"],
+                [[c["dataset"], c["claim"], c["value"], c["met"]] for c in claims],
+            ),
+            "",
+        ]
     panels = {}
     for name, r in results.items():
         if "methods" not in r:
@@ -586,44 +699,78 @@ def write_report(cfg: FewstepConfig, results: dict[str, dict[str, Any]], wall_s:
         sec_pretty = {"mmd": "MMD^2", "acc": "class. acc."}[sec]
         tm = r["teacher"]["metrics"]
         p = r["preset"]
-        lines += [f"## {name} ({r['source']} -> {name}; {pretty} lower is better)", "",
-                  f"MLP {p['net']['hidden']}x{p['net']['depth']}, batch {p['batch']}, AdamW lr {p['lr']}, "
-                  f"teacher {r['teacher']['meta']['steps']} CFM steps; student budget {r['budget']:.3g} "
-                  f"evaluations (= {p['budget_cfm_steps']} CFM steps); {p['n_eval']} evaluation samples.", ""]
-        head = ["method"] + [f"{pretty} @{k}" for k in cfg.nfe] + [f"{sec_pretty} @{k}" for k in cfg.nfe] + [
-            "train evals", "train s", f"sample ms/1k @{cfg.nfe[0]}"]
+        lines += [
+            f"## {name} ({r['source']} -> {name}; {pretty} lower is better)",
+            "",
+            f"MLP {p['net']['hidden']}x{p['net']['depth']}, batch {p['batch']}, AdamW lr {p['lr']}, "
+            f"teacher {r['teacher']['meta']['steps']} CFM steps; student budget {r['budget']:.3g} "
+            f"evaluations (= {p['budget_cfm_steps']} CFM steps); {p['n_eval']} evaluation samples.",
+            "",
+        ]
+        head = (
+            ["method"]
+            + [f"{pretty} @{k}" for k in cfg.nfe]
+            + [f"{sec_pretty} @{k}" for k in cfg.nfe]
+            + ["train evals", "train s", f"sample ms/1k @{cfg.nfe[0]}"]
+        )
         rows = []
         fl = r["teacher"]["floor"]
-        trow = ["teacher (Euler)"] + [tm.get(str(k), {}).get(met) for k in cfg.nfe] + [
-            tm.get(str(k), {}).get(sec) for k in cfg.nfe] + [None, r["teacher"]["meta"]["train_wall_s"],
-                                                               tm[str(cfg.nfe[0])]["ms_per_1k"]]
+        trow = (
+            ["teacher (Euler)"]
+            + [tm.get(str(k), {}).get(met) for k in cfg.nfe]
+            + [tm.get(str(k), {}).get(sec) for k in cfg.nfe]
+            + [None, r["teacher"]["meta"]["train_wall_s"], tm[str(cfg.nfe[0])]["ms_per_1k"]]
+        )
         rows.append(trow)
         for m, v in r["methods"].items():
             mm = v.get("metrics", {})
             label = v.get("label", m) + (f" (FAILED: {v['error']})" if v.get("error") else "")
-            rows.append([label] + [mm.get(str(k), {}).get(met) for k in cfg.nfe]
-                        + [mm.get(str(k), {}).get(sec) for k in cfg.nfe]
-                        + [v.get("train_evals"), v.get("train_wall_s"),
-                           mm.get(str(cfg.nfe[0]), {}).get("ms_per_1k")])
+            rows.append(
+                [label]
+                + [mm.get(str(k), {}).get(met) for k in cfg.nfe]
+                + [mm.get(str(k), {}).get(sec) for k in cfg.nfe]
+                + [v.get("train_evals"), v.get("train_wall_s"), mm.get(str(cfg.nfe[0]), {}).get("ms_per_1k")]
+            )
         lines += [format_table(head, rows), ""]
         refs = [k for k in sorted(tm, key=int) if int(k) not in cfg.nfe]
-        lines += ["Teacher at more steps and the two-sample floor: "
-                  + "; ".join(f"Euler {k} steps {pretty} {tm[k][met]:.4g}" for k in refs)
-                  + f"; floor {pretty} {fl[met]:.4g}" + (f", floor {sec_pretty} {fl[sec]:.4g}" if sec in fl
-                                                          else "") + ".", ""]
+        lines += [
+            "Teacher at more steps and the two-sample floor: "
+            + "; ".join(f"Euler {k} steps {pretty} {tm[k][met]:.4g}" for k in refs)
+            + f"; floor {pretty} {fl[met]:.4g}"
+            + (f", floor {sec_pretty} {fl[sec]:.4g}" if sec in fl else "")
+            + ".",
+            "",
+        ]
         panels[name] = {
             "metric": pretty,
-            "curves": {"teacher (Euler)": (list(cfg.nfe), [tm[str(k)][met] for k in cfg.nfe]),
-                       **{v.get("label", m): (list(cfg.nfe), [v.get("metrics", {}).get(str(k), {}).get(met)
-                                                              for k in cfg.nfe])
-                          for m, v in r["methods"].items()}},
-            "hlines": {f"teacher@{refs[-1] if refs else ''}": tm[refs[-1]][met] if refs else None,
-                       "two-sample floor": fl[met]},
+            "curves": {
+                "teacher (Euler)": (list(cfg.nfe), [tm[str(k)][met] for k in cfg.nfe]),
+                **{
+                    v.get("label", m): (
+                        list(cfg.nfe),
+                        [v.get("metrics", {}).get(str(k), {}).get(met) for k in cfg.nfe],
+                    )
+                    for m, v in r["methods"].items()
+                },
+            },
+            "hlines": {
+                f"teacher@{refs[-1] if refs else ''}": tm[refs[-1]][met] if refs else None,
+                "two-sample floor": fl[met],
+            },
         }
     paths = {"md": out / "fewstep.md", "json": out / "fewstep.json", "png": out / "fewstep.png"}
     paths["md"].write_text("\n".join(lines))
-    atomic_write_json(paths["json"], {"mode": cfg.mode, "seed": cfg.seed, "wall_s": wall_s, "claims": claims,
-                                      "nfe": list(cfg.nfe), "results": results})
+    atomic_write_json(
+        paths["json"],
+        {
+            "mode": cfg.mode,
+            "seed": cfg.seed,
+            "wall_s": wall_s,
+            "claims": claims,
+            "nfe": list(cfg.nfe),
+            "results": results,
+        },
+    )
     if panels:
         plot_quality_vs_nfe(panels, paths["png"], "few-step methods: quality vs NFE")
     return paths
@@ -679,10 +826,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> FewstepConfig:
     kw: dict[str, Any] = {}
     if a.cache is not None:
         kw["cache_dir"] = a.cache
-    return FewstepConfig(mode=a.mode or "quick",
-                         datasets=tuple(a.datasets.split(",")) if a.datasets else None,
-                         methods=tuple(a.only.split(",")) if a.only else None, ablations=a.ablations,
-                         seed=a.seed, out_dir=a.out, workers=a.workers, verbose=not a.quiet, **kw)
+    return FewstepConfig(
+        mode=a.mode or "quick",
+        datasets=tuple(a.datasets.split(",")) if a.datasets else None,
+        methods=tuple(a.only.split(",")) if a.only else None,
+        ablations=a.ablations,
+        seed=a.seed,
+        out_dir=a.out,
+        workers=a.workers,
+        verbose=not a.quiet,
+        **kw,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -696,4 +850,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out["paths"]:
         print("wrote", ", ".join(str(p) for p in out["paths"].values()))
     return 0
-

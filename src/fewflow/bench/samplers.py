@@ -57,8 +57,16 @@ from fewflow.bench.common import (
 )
 from fewflow.bench.fewstep import RESULTS, FewstepConfig, bench_data, teacher_for
 
-__all__ = ["SamplersConfig", "SAMPLER_PRESETS", "SCHEDULES", "STEPPERS", "run", "main", "schedule_grid",
-           "check_sampler_claims"]
+__all__ = [
+    "SamplersConfig",
+    "SAMPLER_PRESETS",
+    "SCHEDULES",
+    "STEPPERS",
+    "run",
+    "main",
+    "schedule_grid",
+    "check_sampler_claims",
+]
 
 SCHEDULES = ("uniform", "sd3_shift", "edm", "logsnr", "boss")
 STEPPERS = ("euler", "midpoint", "heun", "flowturbo")
@@ -101,8 +109,14 @@ class SamplersConfig:
         if self.mode not in SAMPLER_PRESETS:
             raise unknown_name("benchmark mode", self.mode, SAMPLER_PRESETS)
         self.cache_dir = Path(self.cache_dir)
-        self.fewstep = FewstepConfig(mode=self.mode, datasets=self.datasets, seed=self.seed,
-                                     cache_dir=self.cache_dir, out_dir=None, verbose=self.verbose)
+        self.fewstep = FewstepConfig(
+            mode=self.mode,
+            datasets=self.datasets,
+            seed=self.seed,
+            cache_dir=self.cache_dir,
+            out_dir=None,
+            verbose=self.verbose,
+        )
         self.datasets = tuple(d for d in (self.fewstep.datasets or ()) if d != "mnist")
 
     @property
@@ -154,8 +168,11 @@ def _stepper_plan(stepper: str, nfe: int) -> tuple[int, Any] | None:
     raise unknown_name("stepper", stepper, STEPPERS)
 
 
-def _eval(data: BenchData, fn: Callable[[torch.Tensor, dict], tuple[torch.Tensor, int]],
-          x0: torch.Tensor | None = None) -> dict[str, float]:
+def _eval(
+    data: BenchData,
+    fn: Callable[[torch.Tensor, dict], tuple[torch.Tensor, int]],
+    x0: torch.Tensor | None = None,
+) -> dict[str, float]:
     if x0 is not None:
         data = copy.copy(data)
         data.eval_x0 = x0
@@ -208,8 +225,9 @@ def _boss_reference(cfg: SamplersConfig, data: BenchData, teacher: Any) -> Any:
     return boss_reference(teacher, x0, 100, cond=cond)
 
 
-def part_boss_refined(cfg: SamplersConfig, data: BenchData, teacher: Any, ref: Any,
-                      boss_cost: torch.Tensor) -> dict[str, Any]:
+def part_boss_refined(
+    cfg: SamplersConfig, data: BenchData, teacher: Any, ref: Any, boss_cost: torch.Tensor
+) -> dict[str, Any]:
     """BOSS phase 2: fine-tune a copy of the teacher on the reference segments of the K = 1, 2, 4, 8
     Bellman schedules (``BossRefineLoss``, Trainer, lr 2e-4 as the BOSS code), then Euler on those grids."""
     from fewflow.objectives.boss_refine import BossRefineLoss
@@ -227,13 +245,23 @@ def part_boss_refined(cfg: SamplersConfig, data: BenchData, teacher: Any, ref: A
     student = Counted(copy.deepcopy(teacher).requires_grad_(True).train(), ledger)
     budget = cfg.preset.boss_refine_steps * fp.batch * 3.0
     t0 = time.perf_counter()
-    net, rec = train_stages(student, [Stage("boss-refine", objective, data.dataset(), fp.batch, 2e-4, budget)],
-                            data, ledger, cfg.seed)
+    net, rec = train_stages(
+        student,
+        [Stage("boss-refine", objective, data.dataset(), fp.batch, 2e-4, budget)],
+        data,
+        ledger,
+        cfg.seed,
+    )
     wall = time.perf_counter() - t0
     net.eval()
     rows = {str(k): _eval(data, _solve_fn(net, s.grid, lambda: "euler")) for k, s in scheds.items()}
-    return {"metrics": rows, "train_wall_s": wall, "train_evals": ledger.evals, "stages": rec,
-            "reference_draws": int(ref.states.shape[1])}
+    return {
+        "metrics": rows,
+        "train_wall_s": wall,
+        "train_evals": ledger.evals,
+        "stages": rec,
+        "reference_draws": int(ref.states.shape[1]),
+    }
 
 
 def part_flowturbo_refiner(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str, Any]:
@@ -249,9 +277,13 @@ def part_flowturbo_refiner(cfg: SamplersConfig, data: BenchData, teacher: Any) -
     loss = FlowTurboRefinerLoss(Counted(teacher, ledger, "teacher"), source=data.source)
     budget = cfg.preset.refiner_steps * fp.batch * 3.0
     t0 = time.perf_counter()
-    net, rec = train_stages(Counted(refiner, ledger, "refiner"),
-                            [Stage("refiner", loss, data.dataset(), fp.batch, 1e-3, budget)], data, ledger,
-                            cfg.seed)
+    net, rec = train_stages(
+        Counted(refiner, ledger, "refiner"),
+        [Stage("refiner", loss, data.dataset(), fp.batch, 1e-3, budget)],
+        data,
+        ledger,
+        cfg.seed,
+    )
     wall = time.perf_counter() - t0
     net.eval()
     rows = {}
@@ -260,14 +292,19 @@ def part_flowturbo_refiner(cfg: SamplersConfig, data: BenchData, teacher: Any) -
         counts: dict[str, int] = {}
 
         def fn(x0: torch.Tensor, cond: dict, k: int = k, n_refine: int = n_refine, counts=counts) -> tuple:
-            r = flowturbo_sample(teacher, x0, n_heun=1, n_pseudo=k - 2, n_refine=n_refine, refiner=net,
-                                 cond=cond)
+            r = flowturbo_sample(
+                teacher, x0, n_heun=1, n_pseudo=k - 2, n_refine=n_refine, refiner=net, cond=cond
+            )
             counts["refiner"] = r.nfe_refiner
             return r.x, r.nfe_predictor
 
         m = _eval(data, fn)
-        rows[str(k)] = {**m, "n_refine": n_refine, "steps": k - 1 + n_refine,
-                        "refiner_calls": counts.get("refiner", 0)}
+        rows[str(k)] = {
+            **m,
+            "n_refine": n_refine,
+            "steps": k - 1 + n_refine,
+            "refiner_calls": counts.get("refiner", 0),
+        }
     return {"metrics": rows, "train_wall_s": wall, "train_evals": ledger.evals, "stages": rec}
 
 
@@ -288,13 +325,16 @@ def part_pruning(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str
     rows = {}
     for k in (5, 10, 100):
         grid = uniform_grid(k)
-        rows[str(k)] = {"pruned": _eval(data, _solve_fn(teacher, grid, lambda: "euler"), x0=draw.x),
-                        "gaussian": _eval(data, _solve_fn(teacher, grid, lambda: "euler"))}
-    return {"axes": int(axes.shape[0]), "acceptance_rate": draw.acceptance_rate, "tau": tau,
-            "metrics": rows}
+        rows[str(k)] = {
+            "pruned": _eval(data, _solve_fn(teacher, grid, lambda: "euler"), x0=draw.x),
+            "gaussian": _eval(data, _solve_fn(teacher, grid, lambda: "euler")),
+        }
+    return {"axes": int(axes.shape[0]), "acceptance_rate": draw.acceptance_rate, "tau": tau, "metrics": rows}
 
 
-def part_guidance(cfg: SamplersConfig, data: BenchData, teacher: Any, plot_path: Path | None) -> dict[str, Any]:
+def part_guidance(
+    cfg: SamplersConfig, data: BenchData, teacher: Any, plot_path: Path | None
+) -> dict[str, Any]:
     """Digits: constant-scale CFG (``fewflow.guidance.CFG``) vs RAAG (``fewflow.guidance.raag.RAAG``,
     unsquared ratio) at Euler NFE 2, 4, 8; FD-digits and classifier accuracy. Writes the RAAG ratio plot."""
     from fewflow.guidance import CFG
@@ -305,8 +345,9 @@ def part_guidance(cfg: SamplersConfig, data: BenchData, teacher: Any, plot_path:
     rows: dict[str, Any] = {}
     for w in cfg.preset.cfg_scales:
         model = CFG(teacher, w, data.num_classes)
-        rows[f"CFG w={w:g}"] = {str(k): _eval(data, _solve_fn(model, uniform_grid(k), lambda: "euler"))
-                                for k in (2, 4, 8)}
+        rows[f"CFG w={w:g}"] = {
+            str(k): _eval(data, _solve_fn(model, uniform_grid(k), lambda: "euler")) for k in (2, 4, 8)
+        }
     history: dict[str, Any] = {}
     for w_max, alpha in cfg.preset.raag:
         rows[f"RAAG w_max={w_max:g} alpha={alpha:g}"] = r = {}
@@ -330,11 +371,24 @@ def run_dataset(cfg: SamplersConfig, name: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     data = bench_data(cfg.fewstep, name)
     teacher, tmeta = teacher_for(cfg.fewstep, data)
-    key = json_key({"teacher": tmeta["key"], "preset": asdict(cfg.preset), "nfe": list(cfg.nfe),
-                    "seed": cfg.seed, "n_eval": int(data.eval_x0.shape[0]), "v": 1})
+    key = json_key(
+        {
+            "teacher": tmeta["key"],
+            "preset": asdict(cfg.preset),
+            "nfe": list(cfg.nfe),
+            "seed": cfg.seed,
+            "n_eval": int(data.eval_x0.shape[0]),
+            "v": 1,
+        }
+    )
     folder = cfg.cache_dir / name / f"samplers-{key}"
-    res: dict[str, Any] = {"dataset": name, "kind": data.kind, "metric": primary_metric(data),
-                           "teacher": tmeta, "source": data.source_description()}
+    res: dict[str, Any] = {
+        "dataset": name,
+        "kind": data.kind,
+        "metric": primary_metric(data),
+        "teacher": tmeta,
+        "source": data.source_description(),
+    }
     ref = _boss_reference(cfg, data, teacher)
     cost = boss_cost_matrix(teacher, reference=ref)
     parts: dict[str, Callable[[], dict[str, Any]]] = {
@@ -382,30 +436,65 @@ def check_sampler_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, A
         ks = sorted(int(k) for k in grid.get("uniform/euler", {}))
         never_worse = all(val("boss/euler", k) <= val("uniform/euler", k) * 1.0 + 1e-12 for k in ks if k > 1)
         better_small = all(val("boss/euler", k) < val("uniform/euler", k) for k in ks if 1 < k <= 4)
-        claims.append({"dataset": name, "claim": "BOSS grid never worse than uniform (Euler, NFE >= 2)",
-                       "value": ", ".join(f"{k}: {val('boss/euler', k):.3g} vs {val('uniform/euler', k):.3g}"
-                                          for k in ks if k > 1), "met": never_worse})
-        claims.append({"dataset": name, "claim": "BOSS grid better than uniform at NFE 2-4", "value": "see above",
-                       "met": better_small})
+        claims.append(
+            {
+                "dataset": name,
+                "claim": "BOSS grid never worse than uniform (Euler, NFE >= 2)",
+                "value": ", ".join(
+                    f"{k}: {val('boss/euler', k):.3g} vs {val('uniform/euler', k):.3g}" for k in ks if k > 1
+                ),
+                "met": never_worse,
+            }
+        )
+        claims.append(
+            {
+                "dataset": name,
+                "claim": "BOSS grid better than uniform at NFE 2-4",
+                "value": "see above",
+                "met": better_small,
+            }
+        )
         br = r.get("boss_refined", {}).get("metrics", {})
         if br:
             kk = [k for k in br if int(k) > 1]
             ok = all(br[k][met] < val("boss/euler", k) for k in kk)
-            claims.append({"dataset": name, "claim": "BOSS refinement improves the BOSS grid (Euler)",
-                           "value": ", ".join(f"{k}: {br[k][met]:.3g} vs {val('boss/euler', k):.3g}" for k in kk),
-                           "met": ok})
+            claims.append(
+                {
+                    "dataset": name,
+                    "claim": "BOSS refinement improves the BOSS grid (Euler)",
+                    "value": ", ".join(f"{k}: {br[k][met]:.3g} vs {val('boss/euler', k):.3g}" for k in kk),
+                    "met": ok,
+                }
+            )
         fk = [k for k in ks if k >= 4]
-        ok = all(val("uniform/flowturbo", k) < min(val("uniform/heun", k), val("uniform/euler", k)) for k in fk)
-        claims.append({"dataset": name, "claim": "FlowTurbo pseudo-corrector beats Heun and Euler (uniform, "
-                       "equal predictor NFE >= 4)",
-                       "value": ", ".join(f"{k}: {val('uniform/flowturbo', k):.3g} / {val('uniform/heun', k):.3g} / "
-                                          f"{val('uniform/euler', k):.3g}" for k in fk), "met": ok})
+        ok = all(
+            val("uniform/flowturbo", k) < min(val("uniform/heun", k), val("uniform/euler", k)) for k in fk
+        )
+        claims.append(
+            {
+                "dataset": name,
+                "claim": "FlowTurbo pseudo-corrector beats Heun and Euler (uniform, "
+                "equal predictor NFE >= 4)",
+                "value": ", ".join(
+                    f"{k}: {val('uniform/flowturbo', k):.3g} / {val('uniform/heun', k):.3g} / "
+                    f"{val('uniform/euler', k):.3g}"
+                    for k in fk
+                ),
+                "met": ok,
+            }
+        )
         pr = r.get("pruning", {})
         if "metrics" in pr:
             a, b = pr["metrics"]["100"]["pruned"][met], pr["metrics"]["100"]["gaussian"][met]
-            claims.append({"dataset": name, "claim": "pruning: no quality loss at 100 NFE (within 10 %)",
-                           "value": f"{a:.4g} vs {b:.4g} (acceptance {pr['acceptance_rate']:.3f}, "
-                                    f"{pr['axes']} axes)", "met": bool(a <= 1.1 * b)})
+            claims.append(
+                {
+                    "dataset": name,
+                    "claim": "pruning: no quality loss at 100 NFE (within 10 %)",
+                    "value": f"{a:.4g} vs {b:.4g} (acceptance {pr['acceptance_rate']:.3f}, "
+                    f"{pr['axes']} axes)",
+                    "met": bool(a <= 1.1 * b),
+                }
+            )
         gd = r.get("guidance", {}).get("metrics", {})
         if gd:
             for k in ("2", "4"):
@@ -414,9 +503,15 @@ def check_sampler_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, A
                 bc = min(cfgs, key=lambda n: cfgs[n]["fd"])
                 br_ = min(raags, key=lambda n: raags[n]["fd"])
                 ok = raags[br_]["fd"] <= cfgs[bc]["fd"] and raags[br_]["acc"] >= cfgs[bc]["acc"]
-                claims.append({"dataset": name, "claim": f"RAAG >= best constant CFG at NFE {k} (FD, acc)",
-                               "value": f"{br_}: FD {raags[br_]['fd']:.3g} acc {raags[br_]['acc']:.3f} vs {bc}: "
-                                        f"FD {cfgs[bc]['fd']:.3g} acc {cfgs[bc]['acc']:.3f}", "met": bool(ok)})
+                claims.append(
+                    {
+                        "dataset": name,
+                        "claim": f"RAAG >= best constant CFG at NFE {k} (FD, acc)",
+                        "value": f"{br_}: FD {raags[br_]['fd']:.3g} acc {raags[br_]['acc']:.3f} vs {bc}: "
+                        f"FD {cfgs[bc]['fd']:.3g} acc {cfgs[bc]['acc']:.3f}",
+                        "met": bool(ok),
+                    }
+                )
     return claims
 
 
@@ -427,15 +522,25 @@ def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     claims = check_sampler_claims(results)
-    lines = [f"# Samplers benchmark ({cfg.mode} mode)", "",
-             f"Generated by `python benchmarks/samplers.py --{cfg.mode}` in {wall_s / 60:.1f} min on the "
-             f"few-step benchmark's teachers (seed {cfg.seed}, torch {torch.__version__}, one thread per "
-             "process). NFE = batched network evaluations per sample counted by the solver; wall = seconds "
-             "to sample the whole evaluation set. See docs/benchmarks.md.", ""]
+    lines = [
+        f"# Samplers benchmark ({cfg.mode} mode)",
+        "",
+        f"Generated by `python benchmarks/samplers.py --{cfg.mode}` in {wall_s / 60:.1f} min on the "
+        f"few-step benchmark's teachers (seed {cfg.seed}, torch {torch.__version__}, one thread per "
+        "process). NFE = batched network evaluations per sample counted by the solver; wall = seconds "
+        "to sample the whole evaluation set. See docs/benchmarks.md.",
+        "",
+    ]
     if claims:
-        lines += ["## Claims (computed)", "", format_table(["data set", "claim", "measured", "met"],
-                                                          [[c["dataset"], c["claim"], c["value"], c["met"]]
-                                                           for c in claims]), ""]
+        lines += [
+            "## Claims (computed)",
+            "",
+            format_table(
+                ["data set", "claim", "measured", "met"],
+                [[c["dataset"], c["claim"], c["value"], c["met"]] for c in claims],
+            ),
+            "",
+        ]
     panels = {}
     for name, r in results.items():
         met = r["metric"]
@@ -454,45 +559,84 @@ def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s
             rows.append([key] + [row.get(str(k), {}).get(met) for k in cfg.nfe] + [last.get("sample_wall_s")])
         br = r.get("boss_refined", {})
         if "metrics" in br:
-            rows.append(["boss refined / euler"] + [br["metrics"].get(str(k), {}).get(met) for k in cfg.nfe]
-                        + [None])
+            rows.append(
+                ["boss refined / euler"] + [br["metrics"].get(str(k), {}).get(met) for k in cfg.nfe] + [None]
+            )
         ft = r.get("flowturbo_refiner", {})
         if "metrics" in ft:
-            rows.append(["uniform / flowturbo + refiner (predictor NFE)"]
-                        + [ft["metrics"].get(str(k), {}).get(met) for k in cfg.nfe] + [None])
+            rows.append(
+                ["uniform / flowturbo + refiner (predictor NFE)"]
+                + [ft["metrics"].get(str(k), {}).get(met) for k in cfg.nfe]
+                + [None]
+            )
         lines += [format_table(head, rows), ""]
         if "metrics" in br:
-            lines += [f"BOSS refinement: {br['stages'][0]['steps']} steps, {br['train_wall_s']:.0f} s on "
-                      f"{br['reference_draws']} reference trajectories (100 Euler steps). Bellman grids: "
-                      + "; ".join(f"K={k}: " + ", ".join(f"{t:.2f}" for t in g)
-                                  for k, g in r["boss_grids"].items() if int(k) <= 4) + ".", ""]
+            lines += [
+                f"BOSS refinement: {br['stages'][0]['steps']} steps, {br['train_wall_s']:.0f} s on "
+                f"{br['reference_draws']} reference trajectories (100 Euler steps). Bellman grids: "
+                + "; ".join(
+                    f"K={k}: " + ", ".join(f"{t:.2f}" for t in g)
+                    for k, g in r["boss_grids"].items()
+                    if int(k) <= 4
+                )
+                + ".",
+                "",
+            ]
         elif "error" in br:
             lines += [f"BOSS refinement FAILED: {br['error']}", ""]
         if "metrics" in ft:
-            lines += ["FlowTurbo refiner: " + f"{ft['stages'][0]['steps']} steps, {ft['train_wall_s']:.0f} s; "
-                      + "; ".join(f"predictor NFE {k}: {v['steps']} steps with {v['n_refine']} refiner blocks "
-                                  f"({v['refiner_calls']} refiner calls)" for k, v in ft["metrics"].items()) + ".",
-                      ""]
+            lines += [
+                "FlowTurbo refiner: "
+                + f"{ft['stages'][0]['steps']} steps, {ft['train_wall_s']:.0f} s; "
+                + "; ".join(
+                    f"predictor NFE {k}: {v['steps']} steps with {v['n_refine']} refiner blocks "
+                    f"({v['refiner_calls']} refiner calls)"
+                    for k, v in ft["metrics"].items()
+                )
+                + ".",
+                "",
+            ]
         elif "error" in ft:
             lines += [f"FlowTurbo refiner FAILED: {ft['error']}", ""]
         pr = r.get("pruning", {})
         if "metrics" in pr:
             sec = "mmd" if r["kind"] == "toy" else "acc"
-            prow = [[f"Euler NFE {k}", v["gaussian"][met], v["pruned"][met], v["gaussian"].get(sec),
-                     v["pruned"].get(sec)] for k, v in pr["metrics"].items()]
-            lines += [f"Source pruning: {pr['axes']} data-sparse axes, tau {pr['tau']}, acceptance rate "
-                      f"{pr['acceptance_rate']:.3f}.", "",
-                      format_table(["sampler", f"{pretty} N(0,I)", f"{pretty} pruned", f"{sec} N(0,I)",
-                                    f"{sec} pruned"], prow), ""]
+            prow = [
+                [
+                    f"Euler NFE {k}",
+                    v["gaussian"][met],
+                    v["pruned"][met],
+                    v["gaussian"].get(sec),
+                    v["pruned"].get(sec),
+                ]
+                for k, v in pr["metrics"].items()
+            ]
+            lines += [
+                f"Source pruning: {pr['axes']} data-sparse axes, tau {pr['tau']}, acceptance rate "
+                f"{pr['acceptance_rate']:.3f}.",
+                "",
+                format_table(
+                    ["sampler", f"{pretty} N(0,I)", f"{pretty} pruned", f"{sec} N(0,I)", f"{sec} pruned"],
+                    prow,
+                ),
+                "",
+            ]
         elif pr:
             lines += [f"Source pruning: {pr.get('skipped') or pr.get('error')}", ""]
         gd = r.get("guidance", {})
         if "metrics" in gd:
-            grows = [[n] + [v[k]["fd"] for k in ("2", "4", "8")] + [v[k]["acc"] for k in ("2", "4", "8")]
-                     for n, v in gd["metrics"].items()]
-            lines += ["Guidance (Euler, uniform grid; a CFG call is one batched forward of 2B):", "",
-                      format_table(["guidance", "FD @2", "FD @4", "FD @8", "acc @2", "acc @4", "acc @8"], grows),
-                      "", "RAAG ratio along the trajectory: `samplers_raag_ratio.png`.", ""]
+            grows = [
+                [n] + [v[k]["fd"] for k in ("2", "4", "8")] + [v[k]["acc"] for k in ("2", "4", "8")]
+                for n, v in gd["metrics"].items()
+            ]
+            lines += [
+                "Guidance (Euler, uniform grid; a CFG call is one batched forward of 2B):",
+                "",
+                format_table(["guidance", "FD @2", "FD @4", "FD @8", "acc @2", "acc @4", "acc @8"], grows),
+                "",
+                "RAAG ratio along the trajectory: `samplers_raag_ratio.png`.",
+                "",
+            ]
         elif "error" in gd:
             lines += [f"Guidance FAILED: {gd['error']}", ""]
         curves = {}
@@ -506,8 +650,17 @@ def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s
         panels[name] = {"metric": pretty, "curves": curves, "hlines": {}}
     paths = {"md": out / "samplers.md", "json": out / "samplers.json", "png": out / "samplers.png"}
     paths["md"].write_text("\n".join(lines))
-    atomic_write_json(paths["json"], {"mode": cfg.mode, "seed": cfg.seed, "wall_s": wall_s, "claims": claims,
-                                      "nfe": list(cfg.nfe), "results": results})
+    atomic_write_json(
+        paths["json"],
+        {
+            "mode": cfg.mode,
+            "seed": cfg.seed,
+            "wall_s": wall_s,
+            "claims": claims,
+            "nfe": list(cfg.nfe),
+            "results": results,
+        },
+    )
     if panels:
         plot_quality_vs_nfe(panels, paths["png"], "samplers on the CFM teachers: quality vs NFE")
     return paths
@@ -558,8 +711,15 @@ def config_from_args(argv: Sequence[str] | None = None) -> SamplersConfig:
     kw: dict[str, Any] = {}
     if a.cache is not None:
         kw["cache_dir"] = a.cache
-    return SamplersConfig(mode=a.mode or "quick", datasets=tuple(a.datasets.split(",")) if a.datasets else None,
-                          seed=a.seed, out_dir=a.out, workers=a.workers, verbose=not a.quiet, **kw)
+    return SamplersConfig(
+        mode=a.mode or "quick",
+        datasets=tuple(a.datasets.split(",")) if a.datasets else None,
+        seed=a.seed,
+        out_dir=a.out,
+        workers=a.workers,
+        verbose=not a.quiet,
+        **kw,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

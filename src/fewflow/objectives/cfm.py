@@ -27,8 +27,9 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape, expand_like
 from fewflow.couplings import Coupling, CouplingResult, IndependentCoupling, brownian_bridge_noise
-from fewflow.couplings.base import rand, randn_like
+from fewflow.couplings.base import randn_like
 from fewflow.objectives.base import LossOutput
+from fewflow.objectives.common import drop_labels, sample_source
 from fewflow.objectives.time_samplers import TimeSampler, UniformTime
 
 
@@ -99,21 +100,12 @@ class CFMLoss:
         return fn(t) if callable(fn) else None
 
     def _drop_labels(self, cond: dict[str, Any], generator: torch.Generator | None) -> dict[str, Any]:
-        if self.label_dropout <= 0.0:
-            return cond
         y = cond.get("y")
-        if y is None:
-            raise FewflowError("label_dropout > 0 but no labels y were passed")
-        drop = rand(y.shape[0], torch.empty(0, device=y.device), generator) < self.label_dropout
-        null = torch.full_like(y, int(self.num_classes))  # type: ignore[arg-type]
-        return {**cond, "y": torch.where(drop, null, y)}
+        like = torch.empty(0, device=y.device) if torch.is_tensor(y) else torch.empty(0)
+        return drop_labels(cond, self.label_dropout, self.num_classes, like, generator)[0]
 
     def _sample_source(self, x1: Tensor, generator: torch.Generator | None) -> Tensor:
-        if self.source is None:
-            return randn_like(x1, generator)
-        x0 = self.source.sample_like(x1, generator=generator)
-        check_same_shape("source sample x0", x0, "x1", x1)
-        return x0
+        return sample_source(self.source, x1, generator)
 
     # -- entry points ---------------------------------------------------------------------------------
     def __call__(

@@ -48,16 +48,16 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
-from fewflow.objectives.meanflow import (
-    TimePairSampler,
-    _check_flow_map,
-    _check_linear_path,
-    _drop_labels,
-    _per_sample,
-    _rand,
-    _sample_x0,
+from fewflow.objectives.common import (
+    check_flow_map,
+    check_linear_path,
+    drop_labels,
+    per_sample_sq,
+    rand,
+    sample_source,
+    select_rows,
 )
-from fewflow.objectives.splitmeanflow import _rows
+from fewflow.objectives.meanflow import TimePairSampler
 from fewflow.objectives.time_samplers import TimeSampler, UniformTime
 
 __all__ = ["ConsistencyLoss", "consistency_target", "ShortcutLoss", "shortcut_target"]
@@ -118,12 +118,12 @@ def consistency_target(
         v_bnd = None
         if bool(same.any()):
             v_bnd = torch.zeros_like(x_s)
-            v_bnd[same] = teacher(x_s[same], s[same], **_rows(cond, same)).to(x_s.dtype)
+            v_bnd[same] = teacher(x_s[same], s[same], **select_rows(cond, same)).to(x_s.dtype)
     rest = t - s2
     far = rest > 0
     carry = torch.zeros_like(x_s)
     if bool(far.any()):
-        carry[far] = model(x_s2[far], s2[far], t[far], **_rows(cond, far)).to(x_s.dtype)
+        carry[far] = model(x_s2[far], s2[far], t[far], **select_rows(cond, far)).to(x_s.dtype)
     gap = torch.where(same, torch.ones_like(t), t - s)
     tgt = ((x_s2 - x_s) + expand_like(rest, x_s) * carry) / expand_like(gap, x_s)
     if v_bnd is not None:
@@ -176,7 +176,7 @@ class ConsistencyLoss:
     ) -> None:
         from fewflow.solvers import get_stepper
 
-        _check_linear_path(path, "ConsistencyLoss")
+        check_linear_path(path, "ConsistencyLoss")
         if teacher is not None and not callable(teacher):
             raise FewflowError(
                 f"teacher must be a velocity model v(x, t, **cond), got {type(teacher).__name__}"
@@ -212,7 +212,7 @@ class ConsistencyLoss:
 
     def loss_at(self, model: Any, x0: Tensor, x1: Tensor, s: Tensor, t: Tensor, **cond: Any) -> LossOutput:
         """The loss on given pairs and times (labels already dropped)."""
-        _check_flow_map(model, "ConsistencyLoss")
+        check_flow_map(model, "ConsistencyLoss")
         if bool((s > t).any()):
             raise FewflowError("ConsistencyLoss needs s <= t (start before end in fewflow time)")
         se = expand_like(s, x1)
@@ -225,13 +225,13 @@ class ConsistencyLoss:
                 tgt_net, x_s, s, t, self.delta, teacher=self.teacher, stepper=self.teacher_stepper, cond=cond
             )
         u = model(x_s, s, t, **cond)
-        sq = _per_sample(u - tgt, self.reduction)
+        sq = per_sample_sq(u - tgt, self.reduction)
         loss = sq.mean()
         diag: dict[str, float] = {"mse": float(sq.detach().mean())}
         if self.velocity_weight > 0:
             with torch.no_grad():
                 u_next = tgt_net(x_s2, s2, t, **cond)
-            vc = _per_sample(u - u_next, self.reduction)
+            vc = per_sample_sq(u - u_next, self.reduction)
             loss = loss + self.velocity_weight * vc.mean()
             diag["velocity_consistency"] = float(vc.detach().mean())
         diag["frac_boundary"] = float((s == t).to(s.dtype).mean())
@@ -242,9 +242,9 @@ class ConsistencyLoss:
     ) -> LossOutput:
         check_finite("x1", x1)
         check_batch("x1", x1)
-        x0 = _sample_x0(self.source, x1, generator)
+        x0 = sample_source(self.source, x1, generator)
         s, t = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
         return self.loss_at(model, x0, x1, s, t, **cond)
 
     def __repr__(self) -> str:
@@ -308,7 +308,7 @@ class ShortcutLoss:
         num_classes: int | None = None,
         reduction: str = "mean",
     ) -> None:
-        _check_linear_path(path, "ShortcutLoss")
+        check_linear_path(path, "ShortcutLoss")
         if not 0 < min_step <= 0.5:
             raise FewflowError(f"min_step must lie in (0, 1/2], got {min_step}")
         levels = math.log2(1.0 / min_step)
@@ -339,7 +339,7 @@ class ShortcutLoss:
         if n_b > 0:
             k = torch.arange(n_b, device=like.device) % self.levels
             sections = (2.0**k).to(like.dtype)
-            j = torch.floor(_rand(n_b, like, generator) * sections).clamp_max(sections - 1)
+            j = torch.floor(rand(n_b, like, generator) * sections).clamp_max(sections - 1)
             s = torch.cat([j / sections, s[n_b:]])
             d = torch.cat([0.5 / sections, d[n_b:]])
         return s, d
@@ -347,7 +347,7 @@ class ShortcutLoss:
     def loss_at(self, model: Any, x0: Tensor, x1: Tensor, s: Tensor, d: Tensor, **cond: Any) -> LossOutput:
         """Loss on given pairs: rows with ``d = 0`` are flow matching, others self-consistency on
         ``u(x_s, s, s + 2d)``."""
-        _check_flow_map(model, "ShortcutLoss")
+        check_flow_map(model, "ShortcutLoss")
         if bool((d < 0).any()) or bool((s + 2 * d > 1 + 1e-6).any()):
             raise FewflowError("ShortcutLoss needs d >= 0 and s + 2d <= 1")
         se = expand_like(s, x1)
@@ -356,10 +356,10 @@ class ShortcutLoss:
         target = (x1 - x0).detach().clone()
         if bool(boot.any()):
             target[boot] = shortcut_target(
-                model, x_s[boot], s[boot], d[boot], min_step=self.min_step, cond=_rows(cond, boot)
+                model, x_s[boot], s[boot], d[boot], min_step=self.min_step, cond=select_rows(cond, boot)
             )
         u = model(x_s, s, s + 2 * d, **cond)
-        sq = _per_sample(u - target, self.reduction)
+        sq = per_sample_sq(u - target, self.reduction)
         with torch.no_grad():
             diag = {
                 "mse": float(sq.mean()),
@@ -373,9 +373,9 @@ class ShortcutLoss:
     ) -> LossOutput:
         check_finite("x1", x1)
         check_batch("x1", x1)
-        x0 = _sample_x0(self.source, x1, generator)
+        x0 = sample_source(self.source, x1, generator)
         s, d = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
         return self.loss_at(model, x0, x1, s, d, **cond)
 
     def __repr__(self) -> str:

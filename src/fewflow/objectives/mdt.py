@@ -43,13 +43,13 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, expand_like
 from fewflow.objectives.base import LossOutput
-from fewflow.objectives.meanflow import (
-    _check_flow_map,
-    _check_linear_path,
-    _drop_labels,
-    _inner,
-    _randn_like,
-    _sample_x0,
+from fewflow.objectives.common import (
+    check_flow_map,
+    check_linear_path,
+    drop_labels,
+    randn_like,
+    sample_source,
+    unwrap,
 )
 from fewflow.objectives.time_samplers import LogitNormalTime, TimeSampler
 
@@ -99,7 +99,7 @@ def mdt_time_derivative(
             f"MDT needs s + delta <= 1 (s in [0, 1 - delta]); got max s = {float(s.max()):.4g}"
         )
     cond = cond or {}
-    inner = _inner(model)
+    inner = unwrap(model)
     ones = torch.ones_like(s)
     if u is None:
         u = inner(x, s, ones, **cond)
@@ -165,7 +165,7 @@ class MDTDistLoss:
         label_dropout: float = 0.0,
         num_classes: int | None = None,
     ) -> None:
-        _check_linear_path(path, "MDTDistLoss")
+        check_linear_path(path, "MDTDistLoss")
         if not callable(teacher):
             raise FewflowError(
                 f"teacher must be a velocity model v(x, t, **cond), got {type(teacher).__name__}"
@@ -222,7 +222,7 @@ class MDTDistLoss:
             x_fake = z + v_fake.detach()
             se = expand_like(s, z)
             x_s = se * x_fake + (1.0 - se) * eps
-            u_pred = _inner(model)(x_s, s, torch.ones_like(s), **cond)
+            u_pred = unwrap(model)(x_s, s, torch.ones_like(s), **cond)
             tgt = velocity_matching_target(
                 model,
                 self.teacher,
@@ -243,23 +243,23 @@ class MDTDistLoss:
     ) -> LossOutput:
         check_finite("x1", x1)
         check_batch("x1", x1)
-        _check_flow_map(model, "MDTDistLoss")
-        cond, _ = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        check_flow_map(model, "MDTDistLoss")
+        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
         n = x1.shape[0]
         loss = x1.new_zeros(())
         diag: dict[str, float] = {}
         if self.lambda_vm > 0:
-            x0 = _sample_x0(self.source, x1, generator)
+            x0 = sample_source(self.source, x1, generator)
             s = self.sample_times(n, x1, generator)
             per, _ = self.vm_loss(model, x0, x1, s, **cond)
             loss = loss + self.lambda_vm * per.mean()
             diag["vm"] = float(per.detach().mean())
         if self.lambda_vd > 0:
-            z = _sample_x0(self.source, x1, generator)
+            z = sample_source(self.source, x1, generator)
             eps = (
-                _sample_x0(self.source, x1, generator)
+                sample_source(self.source, x1, generator)
                 if self.source is not None
-                else _randn_like(x1, generator)
+                else randn_like(x1, generator)
             )
             s2 = self.sample_times(n, x1, generator)
             vd, diff, _ = self.vd_loss(model, z, s2, eps, **cond)

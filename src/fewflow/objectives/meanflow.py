@@ -52,11 +52,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
+from fewflow.objectives.common import (
+    check_flow_map,
+    check_linear_path,
+    drop_labels,
+    is_ddp,
+    per_sample_sq,
+    sample_source,
+    unwrap,
+)
 from fewflow.objectives.time_samplers import LogitNormalTime, TimeSampler, UniformTime
 
 __all__ = [
@@ -135,78 +144,6 @@ class TimePairSampler:
         return f"TimePairSampler({self.start!r}" + ("" if self.end is None else f", {self.end!r}") + ")"
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def _is_ddp(model: Any) -> bool:
-    return isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
-
-
-def _inner(model: Any) -> Any:
-    return model.module if _is_ddp(model) else model
-
-
-def _check_flow_map(model: Any, who: str) -> None:
-    if getattr(_inner(model), "is_flow_map", True) is False:
-        raise FewflowError(
-            f"{who} needs a flow-map model u(x, s, t, **cond) (is_flow_map=True), got a velocity model "
-            f"{type(_inner(model)).__name__}; build it with flow_map=True"
-        )
-
-
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-
-
-def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    if generator is None:
-        return torch.rand(n, device=like.device, dtype=like.dtype)
-    return torch.rand(n, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
-
-
-def _check_linear_path(path: Any, who: str) -> None:
-    """Accept ``None``/``"linear"`` or an affine path with ``alpha_t = t``, ``sigma_t = 1 - t``."""
-    if path is None or path == "linear":
-        return
-    sched = getattr(path, "schedule", path)
-    try:
-        tt = torch.linspace(0.0, 1.0, 7, dtype=torch.float64)
-        ok = torch.allclose(sched.alpha(tt), tt) and torch.allclose(sched.sigma(tt), 1.0 - tt)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not a usable linear path"
-        raise FewflowError(f"{who} supports the linear path only; cannot evaluate {path!r}: {exc}") from exc
-    if not ok:
-        raise FewflowError(
-            f"{who} supports the linear path only (x_t = t x1 + (1 - t) x0), got {path!r}; its identity "
-            "uses the straight-line conditional velocity x1 - x0"
-        )
-
-
-def _sample_x0(source: Any, x1: Tensor, generator: torch.Generator | None) -> Tensor:
-    if source is None:
-        return _randn_like(x1, generator)
-    x0 = source.sample_like(x1, generator=generator)
-    if x0.shape != x1.shape:
-        raise FewflowError(f"source produced x0 of shape {tuple(x0.shape)} for x1 of shape {tuple(x1.shape)}")
-    return x0.to(device=x1.device, dtype=x1.dtype)
-
-
-def _drop_labels(
-    cond: dict[str, Any], p: float, num_classes: int | None, like: Tensor, generator: torch.Generator | None
-) -> tuple[dict[str, Any], Tensor | None]:
-    """Replace a fraction ``p`` of labels ``y`` by the null class ``num_classes``; return (cond, mask)."""
-    y = cond.get("y")
-    if y is None or p <= 0.0:
-        return cond, None
-    if num_classes is None:
-        raise FewflowError("label_dropout > 0 needs num_classes (the null label is y = num_classes)")
-    drop = _rand(y.shape[0], like, generator) < p
-    out = dict(cond)
-    out["y"] = torch.where(drop.to(y.device), torch.full_like(y, num_classes), y)
-    return out, drop
-
-
 def adaptive_weighted_loss(sq_err: Tensor, p: float, c: float) -> tuple[Tensor, Tensor]:
     """MeanFlow's adaptive weighting: ``loss = mean_i L_i / sg((L_i + c)^p)`` for per-sample losses ``L_i``.
 
@@ -218,11 +155,6 @@ def adaptive_weighted_loss(sq_err: Tensor, p: float, c: float) -> tuple[Tensor, 
         return sq_err.mean(), torch.ones_like(sq_err)
     w = 1.0 / (sq_err.detach() + c).pow(p)
     return (w * sq_err).mean(), w
-
-
-def _per_sample(err: Tensor, reduction: str) -> Tensor:
-    flat = err.reshape(err.shape[0], -1).pow(2)
-    return flat.sum(1) if reduction == "sum" else flat.mean(1)
 
 
 # ------------------------------------------------------------------------------------------ the JVP target
@@ -250,10 +182,10 @@ def flow_map_jvp(
     """
     cond = cond or {}
     if mode == "auto":
-        mode = "split" if _is_ddp(model) else "fused"
+        mode = "split" if is_ddp(model) else "fused"
     if mode not in ("fused", "split"):
         raise unknown_name("jvp mode", mode, ("auto", "fused", "split"))
-    inner = _inner(model)
+    inner = unwrap(model)
     # dual tensors must own their memory: an expanded view (several elements, one location) is refused
     ds = torch.as_tensor(ds, device=s.device, dtype=s.dtype).expand_as(s).contiguous()
     dt = torch.as_tensor(dt, device=t.device, dtype=t.dtype).expand_as(t).contiguous()
@@ -351,7 +283,7 @@ class MeanFlowLoss:
         jvp_mode: str = "auto",
         reduction: str = "sum",
     ) -> None:
-        _check_linear_path(path, "MeanFlowLoss")
+        check_linear_path(path, "MeanFlowLoss")
         if not 0.0 <= ratio <= 1.0:
             raise FewflowError(f"ratio (fraction with s != t) must lie in [0, 1], got {ratio}")
         if adaptive_p < 0 or adaptive_c <= 0 or not math.isfinite(adaptive_p):
@@ -397,7 +329,7 @@ class MeanFlowLoss:
         if self.omega is None or cond.get("y") is None:
             return v
         y = cond["y"]
-        inner = _inner(model)
+        inner = unwrap(model)
         with torch.no_grad():
             both = {k: (torch.cat([c, c]) if torch.is_tensor(c) and c.shape[:1] == y.shape[:1] else c)
                     for k, c in cond.items()}
@@ -426,14 +358,14 @@ class MeanFlowLoss:
     ) -> LossOutput:
         """The MeanFlow loss on given pairs ``(x0, x1)`` and times ``(s, t)`` (labels already dropped;
         ``dropped`` marks rows whose label is the null class, which get no guidance)."""
-        _check_flow_map(model, "MeanFlowLoss")
+        check_flow_map(model, "MeanFlowLoss")
         work = x1.dtype if x1.dtype in (torch.float32, torch.float64) else torch.float32
         x0, x1, s, t = (a.to(work) for a in (x0, x1, s, t))
         se = expand_like(s, x1)
         x_s = se * x1 + (1.0 - se) * x0
         v = self.guided_velocity(model, x_s, s, x1 - x0, cond, dropped)
         u, u_tgt = meanflow_target(model, x_s, s, t, v, tangents=self.tangents, cond=cond, mode=self.jvp_mode)
-        sq = _per_sample(u.to(work) - u_tgt, self.reduction)
+        sq = per_sample_sq(u.to(work) - u_tgt, self.reduction)
         loss, _ = adaptive_weighted_loss(sq, self.adaptive_p, self.adaptive_c)
         with torch.no_grad():
             neq = s != t
@@ -451,9 +383,9 @@ class MeanFlowLoss:
     ) -> LossOutput:
         check_finite("x1", x1)
         check_batch("x1", x1)
-        x0 = _sample_x0(self.source, x1, generator)
+        x0 = sample_source(self.source, x1, generator)
         s, t = self.sample_times(x1.shape[0], x1, generator)
-        cond, dropped = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        cond, dropped = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
         return self.loss_at(model, x0, x1, s, t, dropped=dropped, **cond)
 
     def __repr__(self) -> str:

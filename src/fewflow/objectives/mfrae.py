@@ -42,17 +42,16 @@ from torch import Tensor, nn
 
 from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
-from fewflow.objectives.meanflow import (
-    TimePairSampler,
-    _check_flow_map,
-    _check_linear_path,
-    _drop_labels,
-    _inner,
-    _per_sample,
-    _rand,
-    _sample_x0,
-    adaptive_weighted_loss,
+from fewflow.objectives.common import (
+    check_flow_map,
+    check_linear_path,
+    drop_labels,
+    per_sample_sq,
+    rand,
+    sample_source,
+    unwrap,
 )
+from fewflow.objectives.meanflow import TimePairSampler, adaptive_weighted_loss
 from fewflow.objectives.time_samplers import ShiftedTime, UniformTime
 
 __all__ = [
@@ -97,7 +96,7 @@ def finite_difference_du_ds(
     xp = x + expand_like(sp - s, x) * v
     xm = x + expand_like(sm - s, x) * v
     n = x.shape[0]
-    out = _inner(model)(
+    out = unwrap(model)(
         torch.cat([xp, xm]), torch.cat([sp, sm]), torch.cat([t, t]), **_batch_cond(cond, n, 2)
     )
     up, um = out.to(x.dtype).chunk(2)
@@ -207,7 +206,7 @@ class ConsistencyMidTrainingLoss:
         ``pairs = (b, i, j)`` picks rows ``b`` and grid indices ``i < j`` explicitly; by default
         ``pairs_per_trajectory`` random pairs per trajectory are drawn.
         """
-        _check_flow_map(model, "ConsistencyMidTrainingLoss")
+        check_flow_map(model, "ConsistencyMidTrainingLoss")
         n_s, b = traj.shape[0], traj.shape[1]
         if n_s < 2 or times.shape != (n_s,):
             raise FewflowError(
@@ -218,9 +217,9 @@ class ConsistencyMidTrainingLoss:
         if pairs is None:
             k = self.pairs_per_trajectory
             rows = torch.arange(b, device=traj.device).repeat(k)
-            a = torch.floor(_rand(b * k, times, generator) * n_s).long().clamp_max(n_s - 1).to(traj.device)
+            a = torch.floor(rand(b * k, times, generator) * n_s).long().clamp_max(n_s - 1).to(traj.device)
             c = (
-                torch.floor(_rand(b * k, times, generator) * (n_s - 1))
+                torch.floor(rand(b * k, times, generator) * (n_s - 1))
                 .long()
                 .clamp_max(n_s - 2)
                 .to(traj.device)
@@ -239,7 +238,7 @@ class ConsistencyMidTrainingLoss:
             for key, v in cond.items()
         }
         u = model(x_i, t_i, t_j, **cond_r)
-        sq = _per_sample(u - target, "mean")
+        sq = per_sample_sq(u - target, "mean")
         diag = {
             "mse": float(sq.detach().mean()),
             "pairs": float(rows.numel()),
@@ -252,8 +251,8 @@ class ConsistencyMidTrainingLoss:
     ) -> LossOutput:
         check_finite("x1", x1)
         check_batch("x1", x1)
-        cond, _ = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
-        x0 = _sample_x0(self.source, x1, generator)
+        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        x0 = sample_source(self.source, x1, generator)
         traj, times = self.trajectories(x0, **cond)
         return self.loss_on_trajectory(model, traj, times, generator=generator, **cond)
 
@@ -303,7 +302,7 @@ class MeanFlowDistillationLoss:
         label_dropout: float = 0.0,
         num_classes: int | None = None,
     ) -> None:
-        _check_linear_path(path, type(self).__name__)
+        check_linear_path(path, type(self).__name__)
         if self.uses_teacher and not callable(teacher):
             raise FewflowError(
                 f"teacher must be a velocity model v(x, t, **cond), got {type(teacher).__name__}"
@@ -353,7 +352,7 @@ class MeanFlowDistillationLoss:
 
     def loss_at(self, model: Any, x0: Tensor, x1: Tensor, s: Tensor, t: Tensor, **cond: Any) -> LossOutput:
         """The loss on given pairs and times (labels already dropped)."""
-        _check_flow_map(model, type(self).__name__)
+        check_flow_map(model, type(self).__name__)
         if bool((s > t).any()):
             raise FewflowError(f"{type(self).__name__} needs s <= t (start before end in fewflow time)")
         se = expand_like(s, x1)
@@ -361,7 +360,7 @@ class MeanFlowDistillationLoss:
         v = self.velocity(x_s, s, x0, x1, cond)
         u_tgt = self.target(model, x_s, s, t, v, cond)
         u = model(x_s, s, t, **cond)
-        per = _per_sample(u - u_tgt, self.reduction)
+        per = per_sample_sq(u - u_tgt, self.reduction)
         loss, _ = adaptive_weighted_loss(per.pow(2) if self.square else per, self.adaptive_p, self.adaptive_c)
         with torch.no_grad():
             neq = s != t
@@ -377,9 +376,9 @@ class MeanFlowDistillationLoss:
     ) -> LossOutput:
         check_finite("x1", x1)
         check_batch("x1", x1)
-        x0 = _sample_x0(self.source, x1, generator)
+        x0 = sample_source(self.source, x1, generator)
         s, t = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
         return self.loss_at(model, x0, x1, s, t, **cond)
 
     def __repr__(self) -> str:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape, unknown_name
 from fewflow.objectives.base import LossOutput
-from fewflow.objectives.meanflow import _drop_labels
+from fewflow.objectives.common import drop_labels
 from fewflow.objectives.time_samplers import TimeSampler, UniformTime
 from fewflow.solvers import Stepper, solve
 
@@ -192,7 +192,7 @@ class RectifiedDiffusionLoss:
         b = x1.shape[0]
         if t is None:
             t = self.time_sampler.sample(b, device=x1.device, dtype=x1.dtype, generator=generator)
-        cond, _ = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
         x_t = self.path.sample(x0, x1, t).x_t
         pred = model(x_t, t, **cond)
         if not torch.is_tensor(pred) or pred.shape != x1.shape:

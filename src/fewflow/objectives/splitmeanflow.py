@@ -28,16 +28,16 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
-from fewflow.objectives.meanflow import (
-    TimePairSampler,
-    _check_flow_map,
-    _check_linear_path,
-    _drop_labels,
-    _per_sample,
-    _rand,
-    _sample_x0,
-    adaptive_weighted_loss,
+from fewflow.objectives.common import (
+    check_flow_map,
+    check_linear_path,
+    drop_labels,
+    per_sample_sq,
+    rand,
+    sample_source,
+    select_rows,
 )
+from fewflow.objectives.meanflow import TimePairSampler, adaptive_weighted_loss
 
 __all__ = ["SplitMeanFlowLoss", "splitmeanflow_target"]
 
@@ -94,7 +94,7 @@ class SplitMeanFlowLoss:
         num_classes: int | None = None,
         reduction: str = "sum",
     ) -> None:
-        _check_linear_path(path, "SplitMeanFlowLoss")
+        check_linear_path(path, "SplitMeanFlowLoss")
         if not 0.0 <= boundary_fraction <= 1.0:
             raise FewflowError(f"boundary_fraction must lie in [0, 1], got {boundary_fraction}")
         if boundary_fraction == 0.0:
@@ -124,7 +124,7 @@ class SplitMeanFlowLoss:
         s, t = self.time_sampler.sample(n, device=like.device, dtype=like.dtype, generator=generator)
         n_b = int(round(self.boundary_fraction * n))
         boundary = torch.arange(n, device=like.device) >= n - n_b
-        lam = _rand(n, like, generator)
+        lam = rand(n, like, generator)
         return s, torch.where(boundary, s, t), lam
 
     def loss_at(
@@ -132,7 +132,7 @@ class SplitMeanFlowLoss:
     ) -> LossOutput:
         """The loss on given pairs and times. Rows with ``s == t`` are boundary (flow-matching) rows; the
         others regress ``u(x_s, s, t)`` on :func:`splitmeanflow_target` with split ``lam``."""
-        _check_flow_map(model, "SplitMeanFlowLoss")
+        check_flow_map(model, "SplitMeanFlowLoss")
         if bool((s > t).any()):
             raise FewflowError("SplitMeanFlow needs s <= t (start before end in fewflow time)")
         se = expand_like(s, x1)
@@ -141,16 +141,16 @@ class SplitMeanFlowLoss:
         target = torch.empty_like(x_s)
         with torch.no_grad():
             if bool(bnd.any()):
-                cb = _rows(cond, bnd)
+                cb = select_rows(cond, bnd)
                 if self.teacher is None:
                     target[bnd] = (x1 - x0)[bnd]
                 else:
                     target[bnd] = self.teacher(x_s[bnd], s[bnd], **cb).to(x_s.dtype)
             if bool((~bnd).any()):
                 m = ~bnd
-                target[m] = splitmeanflow_target(model, x_s[m], s[m], t[m], lam[m], cond=_rows(cond, m))
+                target[m] = splitmeanflow_target(model, x_s[m], s[m], t[m], lam[m], cond=select_rows(cond, m))
         u = model(x_s, s, t, **cond)
-        sq = _per_sample(u - target, self.reduction)
+        sq = per_sample_sq(u - target, self.reduction)
         loss, _ = adaptive_weighted_loss(sq, self.adaptive_p, self.adaptive_c)
         with torch.no_grad():
             diag = {
@@ -166,9 +166,9 @@ class SplitMeanFlowLoss:
     ) -> LossOutput:
         check_finite("x1", x1)
         check_batch("x1", x1)
-        x0 = _sample_x0(self.source, x1, generator)
+        x0 = sample_source(self.source, x1, generator)
         s, t, lam = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = _drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
         return self.loss_at(model, x0, x1, s, t, lam, **cond)
 
     def __repr__(self) -> str:
@@ -176,10 +176,3 @@ class SplitMeanFlowLoss:
             f"SplitMeanFlowLoss(boundary_fraction={self.boundary_fraction:g}, "
             f"time_sampler={self.time_sampler!r}, teacher={'yes' if self.teacher is not None else 'no'})"
         )
-
-
-def _rows(cond: dict[str, Any], mask: Tensor) -> dict[str, Any]:
-    """Select the masked rows of every batch-shaped conditioning tensor."""
-    n = mask.shape[0]
-    return {k: (v[mask.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
-            for k, v in cond.items()}

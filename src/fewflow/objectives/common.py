@@ -1,0 +1,107 @@
+"""Small helpers shared by the objectives: source draws, label dropout, per-sample errors, checks.
+
+One copy of each so that every loss (CFM, MeanFlow, SplitMeanFlow, MF-RAE, MDT-dist, consistency,
+Rectified Diffusion, ...) draws noise, drops labels and validates its model the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewflow._validate import FewflowError, check_same_shape
+from fewflow.couplings.base import rand, randn_like
+
+__all__ = [
+    "check_flow_map",
+    "check_linear_path",
+    "drop_labels",
+    "is_ddp",
+    "per_sample_sq",
+    "rand",
+    "randn_like",
+    "sample_source",
+    "select_rows",
+    "unwrap",
+]
+
+
+def is_ddp(model: Any) -> bool:
+    """True for a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+    return isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+
+
+def unwrap(model: Any) -> Any:
+    """The module inside a DDP wrapper (``torch.func`` transforms need the bare module)."""
+    return model.module if is_ddp(model) else model
+
+
+def check_flow_map(model: Any, who: str) -> None:
+    """Raise unless ``model`` is a flow-map model ``u(x, s, t, **cond)`` (``is_flow_map`` not False)."""
+    if getattr(unwrap(model), "is_flow_map", True) is False:
+        raise FewflowError(
+            f"{who} needs a flow-map model u(x, s, t, **cond) (is_flow_map=True), got a velocity model "
+            f"{type(unwrap(model)).__name__}; build it with flow_map=True"
+        )
+
+
+def check_linear_path(path: Any, who: str) -> None:
+    """Accept ``None``/``"linear"`` or an affine path with ``alpha_t = t``, ``sigma_t = 1 - t``."""
+    if path is None or path == "linear":
+        return
+    sched = getattr(path, "schedule", path)
+    try:
+        tt = torch.linspace(0.0, 1.0, 7, dtype=torch.float64)
+        ok = torch.allclose(sched.alpha(tt), tt) and torch.allclose(sched.sigma(tt), 1.0 - tt)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a usable linear path"
+        raise FewflowError(f"{who} supports the linear path only; cannot evaluate {path!r}: {exc}") from exc
+    if not ok:
+        raise FewflowError(
+            f"{who} supports the linear path only (x_t = t x1 + (1 - t) x0), got {path!r}; its identity "
+            "uses the straight-line conditional velocity x1 - x0"
+        )
+
+
+def sample_source(source: Any, x1: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``x0`` shaped like ``x1``: standard normal noise when ``source`` is None, else
+    ``source.sample_like(x1, generator=...)`` (checked for shape, moved to ``x1``'s device and dtype)."""
+    if source is None:
+        return randn_like(x1, generator)
+    x0 = source.sample_like(x1, generator=generator)
+    check_same_shape("source sample x0", x0, "x1", x1)
+    return x0.to(device=x1.device, dtype=x1.dtype)
+
+
+def drop_labels(
+    cond: dict[str, Any], p: float, num_classes: int | None, like: Tensor, generator: torch.Generator | None
+) -> tuple[dict[str, Any], Tensor | None]:
+    """Classifier-free-guidance training (Ho & Salimans 2022): replace each label ``y`` by the null class
+    ``num_classes`` with probability ``p``. Returns ``(cond, mask of dropped rows or None)``."""
+    y = cond.get("y")
+    if p <= 0.0:
+        return cond, None
+    if y is None:
+        raise FewflowError("label_dropout > 0 but no labels y were passed")
+    if num_classes is None:
+        raise FewflowError("label_dropout > 0 needs num_classes (the null label is y = num_classes)")
+    drop = rand(y.shape[0], like, generator) < p
+    out = dict(cond)
+    out["y"] = torch.where(drop.to(y.device), torch.full_like(y, int(num_classes)), y)
+    return out, drop
+
+
+def per_sample_sq(err: Tensor, reduction: str = "mean") -> Tensor:
+    """Per-sample squared error ``(B,)``: summed (``"sum"``) or averaged (``"mean"``) over data dims."""
+    flat = err.reshape(err.shape[0], -1).pow(2)
+    return flat.sum(1) if reduction == "sum" else flat.mean(1)
+
+
+def select_rows(cond: dict[str, Any], mask: Tensor) -> dict[str, Any]:
+    """Select the masked rows of every batch-shaped conditioning tensor (others pass through)."""
+    n = mask.shape[0]
+    return {
+        k: (v[mask.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+        for k, v in cond.items()
+    }
