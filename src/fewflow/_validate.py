@@ -64,7 +64,9 @@ def as_batch_time(t: Tensor | float, x: Tensor) -> Tensor:
         return t.expand(b)
     t = t.reshape(-1) if t.numel() == b else t
     if t.shape != (b,):
-        raise FewflowError(f"time must be a scalar or have shape ({b},) to match the batch, got {tuple(t.shape)}")
+        raise FewflowError(
+            f"time must be a scalar or have shape ({b},) to match the batch, got {tuple(t.shape)}"
+        )
     return t
 
 

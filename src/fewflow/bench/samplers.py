@@ -1,4 +1,4 @@
-"""``fewflow bench samplers``: training-free and light-fine-tune samplers on the few-step benchmark's teachers.
+"""``fewflow bench samplers``: training-free and light-fine-tune samplers on the few-step teachers.
 
 On the CFM teachers of :mod:`fewflow.bench.fewstep` (same cache, same mode presets; checkerboard, moons,
 digits), measured on the same fixed evaluation draws and metrics:
@@ -135,7 +135,8 @@ def _log(cfg: SamplersConfig, msg: str) -> None:
 def schedule_grid(name: str, steps: int, boss_cost: torch.Tensor | None = None) -> torch.Tensor:
     """The ``steps``-step time grid of a schedule (t = 0 noise -> 1 data), from ``fewflow.solvers``:
     ``uniform_grid``, ``shifted_grid(shift=3)`` (SD3), ``edm_grid(rho=7, start_at_zero=True)`` (uniform
-    for one step), ``logsnr_grid`` of the linear schedule, or the BOSS ``bellman_schedule`` of ``boss_cost``."""
+    for one step), ``logsnr_grid`` of the linear schedule, or the BOSS ``bellman_schedule`` of
+    ``boss_cost``."""
     from fewflow.paths import LinearSchedule
     from fewflow.solvers import edm_grid, logsnr_grid, shifted_grid, uniform_grid
     from fewflow.solvers.boss import bellman_schedule

@@ -40,4 +40,14 @@ __all__ = [
     "solve",
     "solve_adaptive",
     "log_likelihood",
+    "BossSchedule",
+    "bellman_schedule",
+    "boss_cost_matrix",
+    "boss_schedule",
+    "FlowTurboStepper",
+    "flowturbo_sample",
 ]
+
+# method modules last: they build on the names above (and boss refinement reaches into objectives)
+from fewflow.solvers.boss import BossSchedule, bellman_schedule, boss_cost_matrix, boss_schedule
+from fewflow.solvers.flowturbo import FlowTurboStepper, flowturbo_sample
