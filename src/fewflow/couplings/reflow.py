@@ -234,6 +234,9 @@ class ReflowPairs:
         verify: check every shard's sha256 when it is loaded (a corrupted shard raises FewflowError).
         device: move batches there (default CPU).
         allow_incomplete: read a set whose generation has not finished (only its complete shards).
+        as_dict: yield ``{"x0", "x1"[, "y"]}`` dicts (what :class:`fewflow.train.Trainer` feeds an
+            objective as keyword arguments: ``CFMLoss(..)(model, x1, x0=x0, y=y)`` trains on the fixed
+            pairs) instead of ``(x0, x1, y)`` tuples.
     """
 
     def __init__(
@@ -248,7 +251,9 @@ class ReflowPairs:
         verify: bool = True,
         device: torch.device | str | None = None,
         allow_incomplete: bool = False,
+        as_dict: bool = False,
     ) -> None:
+        self.as_dict = bool(as_dict)
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise FewflowError(f"batch_size must be a positive integer, got {batch_size!r}")
         if int(buffer_shards) < 1:
@@ -301,13 +306,15 @@ class ReflowPairs:
             return torch.arange(n)
         return torch.randperm(n, generator=self.generator)
 
-    def _emit(self, x0: Tensor, x1: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _emit(self, x0: Tensor, x1: Tensor, y: Tensor | None) -> Any:
         if self.device is not None:
             x0, x1 = x0.to(self.device), x1.to(self.device)
             y = y.to(self.device) if y is not None else None
+        if self.as_dict:
+            return {"x0": x0, "x1": x1, **({"y": y} if y is not None else {})}
         return x0, x1, y
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    def __iter__(self) -> Iterator[Any]:
         order = self._perm(len(self.manifest["shards"])).tolist()
         bs = self.batch_size
         left: list[Tensor | None] = [None, None, None]

@@ -109,11 +109,23 @@ class CFMLoss:
 
     # -- entry points ---------------------------------------------------------------------------------
     def __call__(
-        self, model: Any, x1: Tensor, *, generator: torch.Generator | None = None, **cond: Any
+        self,
+        model: Any,
+        x1: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        x0: Tensor | None = None,
+        **cond: Any,
     ) -> LossOutput:
-        """Draw x0, couple it with x1, and return the CFM loss (see the class docstring)."""
+        """Draw x0, couple it with x1, and return the CFM loss (see the class docstring).
+
+        With ``x0`` given the pairs are fixed -- reflow pairs ``(x0, teacher(x0))`` streamed by
+        :class:`fewflow.couplings.ReflowPairs` -- and neither the source nor the coupling is used."""
         check_finite("x1", x1)
         check_batch("x1", x1)
+        if x0 is not None:
+            check_same_shape("x0", x0, "x1", x1)
+            return self.pair_loss(model, x0, x1, generator=generator, **cond)
         x0 = self._sample_source(x1, generator)
         result = self.coupling(x0, x1, y=cond.get("y"), generator=generator)
         return self.pair_loss(
