@@ -161,7 +161,8 @@ def get_feature_classifier(
             data_kw.setdefault("cache_dir", cache_dir)
         model, acc = train_feature_classifier(dataset, cfg, **data_kw)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_j = wpath.with_suffix(".tmp.safetensors"), jpath.with_suffix(".tmp.json")
+        tag = f".tmp{os.getpid()}"  # unique per process: concurrent writers never share a temp file
+        tmp_w, tmp_j = wpath.with_suffix(f"{tag}.safetensors"), jpath.with_suffix(f"{tag}.json")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
         tmp_j.write_text(json.dumps({"dataset": dataset, "config": cfg, "test_accuracy": acc}, indent=2))
         os.replace(tmp_w, wpath)
