@@ -17,11 +17,10 @@ With ``h = t_{i+1} - t_i`` and predictor ``v`` (the trained velocity model):
   (The released ``models_assemble.py`` feeds the old ``c`` to the second refiner call, ``integrators.py``
   feeds ``d``; we feed ``d``, which is what the refiner objective trains: ``r(x + dt v, t + dt, v)``.)
 
-The blocks carry state from step to step (``c`` and the step index), which the shared loop's stateless
-:meth:`Stepper.step` cannot hold. :class:`FlowTurboStepper` therefore exposes the step with an explicit
-carry, ``step_carry(f, x, t, t_next, carry) -> (x_next, carry)``, and :meth:`FlowTurboStepper.bind`
-returns a one-use :class:`Stepper` that threads the carry through :func:`fewflow.solvers.solve`, so NFE
-counting, trajectories, progress and callbacks come from the one shared loop.
+The blocks carry state from step to step (``c`` and the step index). :class:`FlowTurboStepper` is a
+stateful stepper: ``step_carry(f, x, t, t_next, carry) -> (x_next, carry)``, and the shared loop
+(:func:`fewflow.solvers.solve`) threads the carry explicitly, so NFE counting, trajectories, progress and
+callbacks come from the one loop and the stepper object holds no per-solve state.
 """
 
 from __future__ import annotations
@@ -62,10 +61,12 @@ class FlowTurboCarry:
 class FlowTurboStepper(Stepper):
     """The FlowTurbo block sequence: ``n_heun`` Heun, ``n_pseudo`` pseudo-corrector, ``n_refine`` refiner
     steps (code default of ``sample.py``: 1 / 5 / 3). ``refiner(x, t, v_prev, **cond)`` returns the velocity
-    increment; it is required when ``n_refine > 0``. Use :meth:`step_carry` with an explicit
-    :class:`FlowTurboCarry`, or :meth:`bind` for :func:`fewflow.solvers.solve`."""
+    increment; it is required when ``n_refine > 0``. A stateful stepper: :func:`fewflow.solvers.solve`
+    threads a :class:`FlowTurboCarry` through :meth:`step_carry` (the final carry is ``SolveResult.carry``),
+    so one stepper object serves any number of solves."""
 
     nfe_per_step = 1
+    stateful = True
 
     def __init__(
         self,
@@ -105,11 +106,8 @@ class FlowTurboStepper(Stepper):
         which has no cached velocity yet)."""
         return 2 * self.n_heun + self.n_pseudo + (1 if self.n_heun == 0 and self.n_pseudo > 0 else 0)
 
-    def step(self, f, x, t, t_next, generator=None):
-        raise FewflowError(
-            "FlowTurboStepper carries state between steps; call step_carry(..., carry) or pass "
-            "stepper.bind() to solve() (or use flowturbo_sample)"
-        )
+    def init_carry(self) -> FlowTurboCarry:
+        return FlowTurboCarry()
 
     def step_carry(
         self, f: Callable[..., Tensor], x: Tensor, t: Tensor, t_next: Tensor, carry: FlowTurboCarry
@@ -132,30 +130,8 @@ class FlowTurboStepper(Stepper):
         d2 = d + r(x + h * d, t_next, d, **self.refiner_cond)
         return x + 0.5 * h * (d + d2), FlowTurboCarry(i + 1, d, carry.refiner_calls + 2)
 
-    def bind(self) -> _BoundFlowTurbo:
-        """A fresh one-use :class:`Stepper` for :func:`fewflow.solvers.solve` holding this run's carry."""
-        return _BoundFlowTurbo(self)
-
     def __repr__(self) -> str:
         return f"FlowTurboStepper(n_heun={self.n_heun}, n_pseudo={self.n_pseudo}, n_refine={self.n_refine})"
-
-
-class _BoundFlowTurbo(Stepper):
-    """Adapter: threads one run's :class:`FlowTurboCarry` through the stateless loop. One solve per bind."""
-
-    nfe_per_step = 1
-
-    def __init__(self, seq: FlowTurboStepper) -> None:
-        self.seq = seq
-        self.carry = FlowTurboCarry()
-        self._last_x: Tensor | None = None
-
-    def step(self, f, x, t, t_next, generator=None):
-        if self.carry.index > 0 and x is not self._last_x:
-            raise FewflowError("a bound FlowTurbo stepper serves one solve only; call .bind() again")
-        x_next, self.carry = self.seq.step_carry(f, x, t, t_next, self.carry)
-        self._last_x = x_next
-        return x_next
 
 
 @dataclass
@@ -217,13 +193,12 @@ def flowturbo_sample(
 
     check_batch("x0", x0)
     seq = FlowTurboStepper(n_heun, n_pseudo, n_refine, _maybe_compile(refiner, compile), refiner_cond=cond)
-    bound = seq.bind()
     res = solve(
-        _maybe_compile(model, compile), x0, grid=uniform_grid(seq.steps, t0, t1), stepper=bound, cond=cond,
+        _maybe_compile(model, compile), x0, grid=uniform_grid(seq.steps, t0, t1), stepper=seq, cond=cond,
         trajectory=trajectory, progress=progress, callback=callback,
     )
     return FlowTurboResult(
-        x=res.x, nfe_predictor=res.nfe, nfe_refiner=bound.carry.refiner_calls, times=res.times,
+        x=res.x, nfe_predictor=res.nfe, nfe_refiner=res.carry.refiner_calls, times=res.times,
         trajectory=res.trajectory,
     )
 

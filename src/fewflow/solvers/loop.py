@@ -30,12 +30,14 @@ class SolveResult:
         nfe: number of model calls (each one batched forward).
         times: the grid used (1-D float64 CPU tensor, ``T + 1`` nodes).
         trajectory: ``(T + 1, B, ...)`` states at the grid nodes (including ``x0``) if requested, else None.
+        carry: the final state of a stateful stepper (e.g. FlowTurbo's call counts), else None.
     """
 
     x: Tensor
     nfe: int
     times: Tensor
     trajectory: Tensor | None = None
+    carry: Any = None
 
 
 def _resolve_grid(grid: Sequence[float] | Tensor | None, steps: int | None, t0: float, t1: float) -> Tensor:
@@ -147,8 +149,11 @@ def solve(
                 traj[0] = x0
         last = n - 1
         step, step_last = st.step, st.step_last
+        carry = st.init_carry() if st.stateful else None
         for i in iterator:
-            if i == last:
+            if carry is not None:
+                x, carry = st.step_carry(f, x, ts[i], ts[i + 1], carry)
+            elif i == last:
                 x = step_last(f, x, ts[i], ts[i + 1], generator)
             else:
                 x = step(f, x, ts[i], ts[i + 1], generator)
@@ -161,7 +166,7 @@ def solve(
                 callback(i, times_f[i + 1], x)
         if isinstance(traj, list):
             traj = torch.stack(traj)
-    return SolveResult(x=x, nfe=count[0], times=g, trajectory=traj)
+    return SolveResult(x=x, nfe=count[0], times=g, trajectory=traj, carry=carry)
 
 
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")

@@ -48,6 +48,20 @@ class Stepper:
     nfe_per_step: int = 1
     is_flow_map: bool = False
     stochastic: bool = False
+    #: a stepper that carries state from one step to the next (e.g. FlowTurbo's cached velocity) sets this and
+    #: implements ``init_carry()`` and ``step_carry(f, x, t, t_next, carry) -> (x_next, carry)``; the loop
+    #: threads the carry explicitly, so the stepper object itself holds no per-solve state.
+    stateful: bool = False
+
+    def init_carry(self) -> object:
+        """The state before the first step (stateful steppers only)."""
+        raise NotImplementedError
+
+    def step_carry(
+        self, f: VelocityFn, x: Tensor, t: Tensor, t_next: Tensor, carry: object
+    ) -> tuple[Tensor, object]:
+        """One step of a stateful stepper: ``(x_next, new_carry)``."""
+        raise NotImplementedError
 
     def step(
         self, f: VelocityFn, x: Tensor, t: Tensor, t_next: Tensor, generator: torch.Generator | None = None
