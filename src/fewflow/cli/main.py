@@ -570,6 +570,50 @@ def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
     click.echo(str(report))
 
 
+# --------------------------------------------------------------------------- bench
+
+
+@cli.command(
+    "bench",
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": ["--help"],
+    },
+)
+@click.argument("which", type=click.Choice(["fewstep", "samplers", "overhead"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_cmd(which: str, args: tuple[str, ...]) -> None:
+    """Run a benchmark and write its table under benchmarks/results (or --out).
+
+    WHICH is ``fewstep`` (every few-step method vs the teacher at NFE 1-8), ``samplers`` (schedules,
+    steppers, FlowTurbo, BOSS, pruning, CFG vs RAAG) or ``overhead`` (the loop and loss against bare
+    PyTorch, prefetched OT-CFM). Further options go to the benchmark; ``fewflow bench fewstep -h`` lists them.
+
+    \b
+    Examples:
+      fewflow bench fewstep --quick
+      fewflow bench samplers --quick --datasets moons
+      fewflow bench overhead
+    """
+    if which == "overhead":
+        import runpy
+
+        script = Path(__file__).resolve().parents[3] / "benchmarks" / "overhead.py"
+        if not script.is_file():
+            raise FewflowError(f"benchmarks/overhead.py not found next to the package ({script})")
+        sys.argv = [str(script), *args]
+        runpy.run_path(str(script), run_name="__main__")
+        return
+    if which == "fewstep":
+        from fewflow.bench.fewstep import main as bench_main
+    else:
+        from fewflow.bench.samplers import main as bench_main
+    code = bench_main(list(args))
+    if code:
+        raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``fewflow = fewflow.cli.main:main``)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
