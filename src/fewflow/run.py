@@ -821,9 +821,12 @@ def generate(
                 raise FewflowError(f"label tensor must have shape ({n},), got {tuple(y.shape)}")
         else:
             y = torch.full((n,), int(label), device=x0.device, dtype=torch.long)
-        if bool(((y < 0) | (y >= k)).any()):
+        # the null class k (unconditional samples) exists when the model was trained with label dropout
+        top = k if cfg.objective.label_dropout > 0 else k - 1
+        if bool(((y < 0) | (y > top)).any()):
+            extra = f" ({k} = unconditional)" if top == k else ""
             raise FewflowError(
-                f"labels must lie in [0, {k - 1}] for this run, got {sorted(set(y.tolist()))[:5]}"
+                f"labels must lie in [0, {top}]{extra} for this run, got {sorted(set(y.tolist()))[:5]}"
             )
         cond["y"] = y
         if scale != 1.0:

@@ -256,6 +256,12 @@ def load_bench_data(name: str, n_train: int, n_eval: int, seed: int = 0) -> Benc
             eval_x0 = torch.randn(n_eval, 2, generator=g)
         return BenchData(name, "toy", train, None, None, source, eval_x0, None, target, target2)
     if name in IMAGE_SETS:
+        from fewflow.metrics import get_feature_classifier
+
+        # train/cache the metric's classifier here, with gradients enabled: the metric functions run under
+        # no_grad and cannot train it on a cold cache
+        with torch.enable_grad():
+            get_feature_classifier(name)
         tr = load_dataset(name, split="train")
         te = load_dataset(name, split="test")
         assert tr.y is not None

@@ -168,7 +168,7 @@ def _stepper_plan(stepper: str, nfe: int) -> tuple[int, Any] | None:
     if stepper in ("heun", "midpoint"):
         return (nfe // 2, lambda: stepper) if nfe >= 2 and nfe % 2 == 0 else None
     if stepper == "flowturbo":
-        return (nfe - 1, lambda: FlowTurboStepper(1, nfe - 2).bind()) if nfe >= 4 else None
+        return (nfe - 1, lambda: FlowTurboStepper(1, nfe - 2)) if nfe >= 4 else None
     raise unknown_name("stepper", stepper, STEPPERS)
 
 

@@ -96,6 +96,7 @@ def _accuracy(model: FeatureClassifier, x: Tensor, y: Tensor, batch: int = 1000)
     return correct / len(x)
 
 
+@torch.enable_grad()  # it may be called lazily from inside a no_grad metric (classifier_predict, fd_*)
 def train_feature_classifier(
     dataset: str = "digits", config: dict[str, Any] | None = None, **data_kw: Any
 ) -> tuple[FeatureClassifier, float]:
