@@ -308,6 +308,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert m["checkerboard_check"]["ratio"] == pytest.approx(
         m["checkerboard_check"]["euler_nfe100_sliced_w2"] / m["checkerboard"]["floor"]["sliced_w2"]
     )
-    for png in ("checkerboard_samples.png", "checkerboard_trajectories.png", "checkerboard_sw2_vs_nfe.png"):
+    for png in ("checkerboard_samples.png", "checkerboard_trajectories.png", "checkerboard_sw2_vs_nfe.png",
+                "checkerboard_fewstep.png"):
         assert (out / png).stat().st_size > 1000, png
-    assert "[1/2] checkerboard: train CFM" in r.stderr
+    assert "[1/3] checkerboard: train CFM" in r.stderr
+    # the few-step stage: a reflowed student evaluated at NFE 1, 2, 4 beside the teacher
+    fs = m["checkerboard_reflow"]
+    assert {(r_["solver"], r_["nfe"]) for r_ in fs["results"]} == {("euler", 1), ("euler", 2), ("euler", 4)}
+    assert "Few-step" in (out / "report.md").read_text()

@@ -37,6 +37,7 @@ a rerun only trains what is missing. Outputs: ``benchmarks/results/fewstep.{md,j
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -482,7 +483,8 @@ def _log(cfg: FewstepConfig, msg: str) -> None:
 def teacher_for(cfg: FewstepConfig, data: BenchData) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The cached CFM teacher of a data set (also used by the samplers benchmark)."""
     p = cfg.preset(data.name)
-    return train_teacher(data, p.net, p.teacher_steps, p.batch, p.lr, cfg.seed, cfg.cache_dir)
+    # a private copy: a data-set source (moons' 8 gaussians) is stateful, and every run must see it fresh
+    return train_teacher(copy.deepcopy(data), p.net, p.teacher_steps, p.batch, p.lr, cfg.seed, cfg.cache_dir)
 
 
 def bench_data(cfg: FewstepConfig, name: str) -> BenchData:
@@ -546,7 +548,9 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
             continue
         _log(cfg, f"{name}/{m}: training (budget {p.budget:.3g} evals)")
         ledger = Ledger()
-        ctx = Context(data, teacher, tkey, p, ledger, folder, cfg.seed)
+        # a fresh copy per method: the 8-gaussians source of moons is stateful (epoch permutations), so
+        # sharing it would make a method's result depend on which methods ran before it
+        ctx = Context(copy.deepcopy(data), teacher, tkey, p, ledger, folder, cfg.seed)
         builder = METHODS.get(m) or ABLATIONS[m]
         t0 = time.perf_counter()
         try:
