@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["sample"], ["eval"], ["fetch"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["sample"], ["eval"], ["fetch"], ["demo"], ["bench"]])
 def test_help_has_examples(cmd):
     r = invoke([*cmd, "--help"])
     assert r.exit_code == 0
@@ -68,6 +68,36 @@ def test_train_writes_a_run_folder(run_dir):
     assert rc["data"]["name"] == "checkerboard" and rc["objective"]["method"] == "cfm"
     assert rc["model"] == {"type": "MLP", "hidden": 32, "depth": 2, "dim": 2}
     assert rc["train"]["steps"] == 40 and rc["meta"]["shape"] == [2]
+
+
+def test_sample_with_issue5_samplers(run_dir, tmp_path):
+    """Every fast sampler / schedule is reachable from `fewflow sample`: BOSS (cached beside the run),
+    logSNR, FlowTurbo (NFE = predictor calls), and RAAG for a conditional run."""
+    from fewflow.solvers.boss import BossSchedule
+
+    out = tmp_path / "s.npy"
+    r = invoke(["sample", str(run_dir), "--schedule", "boss", "--nfe", "3", "--n", "50", "--out", str(out)])
+    assert r.exit_code == 0, r.output + r.stderr
+    saved = BossSchedule.load(run_dir / "boss-K3-fine100.json")
+    assert len(saved.indices) == 4 and saved.indices[0] == 0 and saved.indices[-1] == 100
+    for extra in (["--schedule", "logsnr", "--nfe", "4"], ["--solver", "flowturbo", "--nfe", "5"]):
+        r = invoke(["sample", str(run_dir), *extra, "--n", "50", "--out", str(out)])
+        assert r.exit_code == 0, r.output + r.stderr
+        assert np.load(out).shape == (50, 2) and np.isfinite(np.load(out)).all()
+    assert "NFE 5" in r.stderr
+    r = invoke(["sample", str(run_dir), "--solver", "flowturbo", "--nfe", "2", "--out", str(out)])
+    assert_one_line_error(r, "flowturbo", "nfe >= 3")
+    # RAAG needs a conditional run
+    r = invoke(["sample", str(run_dir), "--raag", "5", "--cfg", "3", "--out", str(out)])
+    assert_one_line_error(r, "unconditional")
+    cond = tmp_path / "gmm"
+    r = invoke(["train", "--data", "gmm", "--conditional", "--label-dropout", "0.1", "--steps", "20",
+                "--out", str(cond), *TINY])
+    assert r.exit_code == 0, r.output + r.stderr
+    r = invoke(["sample", str(cond), "--raag", "5", "--cfg", "3", "--label", "1", "--nfe", "4", "--n", "40",
+                "--out", str(out)])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert np.load(out).shape == (40, 2)
 
 
 def test_sample_formats(run_dir, tmp_path):

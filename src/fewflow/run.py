@@ -24,7 +24,7 @@ import copy
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ COUPLINGS: dict[str, tuple[str, dict[str, Any]]] = {
 SCHEDULES = ("linear", "cosine", "vp", "polynomial")
 TIME_SAMPLERS = ("uniform", "logit_normal", "shifted")
 SOURCES = ("gaussian", "norm_aligned")
-GRIDS = ("uniform", "shift", "edm")
+GRIDS = ("uniform", "shift", "edm", "logsnr", "boss")
 STEPPERS = ("euler", "midpoint", "heun", "rk4")
 MODEL_TYPES = {"mlp": "MLP", "unet": "UNet", "dit": "DiT"}
 
@@ -714,12 +714,19 @@ register_method(
 
 
 def build_grid(kind: str, steps: int, **kw: Any) -> Tensor:
-    """A time grid of ``steps`` steps from 0 to 1: ``uniform``, ``shift`` (``shift=``) or ``edm``
-    (``rho=``)."""
-    from fewflow.solvers import edm_grid, shifted_grid, uniform_grid
+    """A time grid of ``steps`` steps from 0 to 1: ``uniform``, ``shift`` (``shift=``), ``edm`` (``rho=``)
+    or ``logsnr`` (uniform in log-SNR of ``schedule=``, default linear). BOSS grids depend on the model:
+    see :func:`boss_grid`."""
+    from fewflow.solvers import edm_grid, logsnr_grid, shifted_grid, uniform_grid
 
     if not _is_int(steps) or steps < 1:
         raise FewflowError(f"number of steps must be a positive integer, got {steps!r}")
+    if kind == "logsnr":
+        from fewflow.paths import LinearSchedule
+
+        return logsnr_grid(steps, kw.get("schedule") or LinearSchedule())
+    if kind == "boss":
+        raise FewflowError("the BOSS grid depends on the model: build it with fewflow.run.boss_grid(...)")
     if kind == "uniform":
         return uniform_grid(steps)
     if kind == "shift":
@@ -731,12 +738,49 @@ def build_grid(kind: str, steps: int, **kw: Any) -> Tensor:
 
 
 def stepper_names() -> tuple[str, ...]:
-    """Velocity steppers a run can sample with (the solver layer's registry, flow-map jumps excluded)."""
+    """Velocity steppers a run can sample with (the solver layer's registry, flow-map jumps excluded),
+    plus ``flowturbo`` (FlowTurbo's Heun + pseudo-corrector sequence)."""
     try:
         from fewflow.solvers.steppers import STEPPERS as registry
     except ImportError:
         return STEPPERS
-    return tuple(sorted(k for k in registry if k not in ("flow_map", "flowmap", "euler_maruyama", "em")))
+    names = {k for k in registry if k not in ("flow_map", "flowmap", "euler_maruyama", "em")}
+    return tuple(sorted(names | {"flowturbo"}))
+
+
+def boss_grid(
+    model: Any,
+    cfg: RunConfig,
+    steps: int,
+    *,
+    run_dir: str | Path | None = None,
+    n_ref: int = 256,
+    fine_steps: int = 100,
+    cond: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """The Bellman-optimal ``steps``-step Euler grid of this model (BOSS, Nguyen et al. 2023): reference
+    trajectories from ``n_ref`` source draws on ``fine_steps`` Euler steps, the one-jump cost matrix and the
+    dynamic program. With ``run_dir`` the schedule is saved as ``boss-K<steps>.json`` there and re-used."""
+    from fewflow.solvers.boss import BossSchedule, boss_schedule
+
+    path = Path(run_dir) / f"boss-K{steps}-fine{fine_steps}.json" if run_dir is not None else None
+    if path is not None and path.is_file():
+        return BossSchedule.load(path).grid
+    try:
+        param = next(iter(model.parameters()))
+        device, dtype = param.device, param.dtype
+    except (AttributeError, StopIteration):
+        device, dtype = torch.device("cpu"), torch.get_default_dtype()
+    gen = torch.Generator().manual_seed(1234)
+    x0 = draw_source(build_source(cfg), cfg, n_ref, device=device, dtype=dtype, generator=gen)
+    if cond is None and cfg.objective.conditional:
+        k = int(_meta(cfg, None).get("num_classes") or 0)
+        cond = {"y": torch.arange(n_ref, device=device) % k}
+    with torch.no_grad():
+        sched = boss_schedule(model, x0, steps, fine_steps, cond=cond)
+    if path is not None:
+        sched.save(path)
+    return sched.grid
 
 
 def _nfe_per_step(stepper: str) -> int:
@@ -752,6 +796,12 @@ def steps_for_nfe(stepper: str, nfe: int) -> int:
     RK4: 4); raises if ``nfe`` is smaller than one step's cost."""
     if not _is_int(nfe) or nfe < 1:
         raise FewflowError(f"nfe must be a positive integer, got {nfe!r}")
+    if stepper == "flowturbo":  # one Heun step (2 NFE) then pseudo-corrector steps (1 NFE each)
+        if nfe < 3:
+            raise FewflowError(
+                f"flowturbo needs nfe >= 3 (one Heun step + pseudo-corrector steps), got {nfe!r}"
+            )
+        return nfe - 1
     per = _nfe_per_step(stepper)
     if nfe < per:
         raise FewflowError(f"stepper {stepper!r} spends {per} evaluations per step; nfe={nfe} is too small")
@@ -765,7 +815,7 @@ def generate(
     *,
     nfe: int | None = None,
     stepper: str | None = None,
-    grid: str | None = None,
+    grid: str | Tensor | Sequence[float] | None = None,
     grid_kwargs: Mapping[str, Any] | None = None,
     cfg_scale: float | None = None,
     label: int | Tensor | None = None,
@@ -773,14 +823,19 @@ def generate(
     generator: torch.Generator | None = None,
     trajectory: bool = False,
     progress: bool = False,
+    raag_alpha: float | None = None,
+    run_dir: str | Path | None = None,
 ) -> Any:
     """Draw ``n`` samples from a trained run: x0 from the source, then ``fewflow.solvers.solve`` from
     t = 0 to t = 1 with ``nfe`` evaluations of ``stepper`` on the chosen time grid.
 
     Conditional runs sample labels uniformly unless ``label`` fixes one; with ``cfg_scale != 1`` the
     model is wrapped in classifier-free guidance ``v_u + w (v_c - v_u)`` (Ho & Salimans,
-    *Classifier-Free Diffusion Guidance*). Flow-map methods use flow-map jumps. Returns the solver's
-    ``SolveResult`` (``.x``, ``.nfe``, ``.times``, ``.trajectory``).
+    *Classifier-Free Diffusion Guidance*), or in RAAG with ``w_max = cfg_scale`` when ``raag_alpha`` is
+    given (Zhu et al., *Ratio-Aware Adaptive Guidance*). Flow-map methods use flow-map jumps.
+    ``stepper="flowturbo"`` runs FlowTurbo's Heun + pseudo-corrector blocks with ``nfe`` predictor calls;
+    ``grid="boss"`` the model's Bellman-optimal grid (:func:`boss_grid`, cached in ``run_dir``).
+    Returns the solver's ``SolveResult`` (``.x``, ``.nfe``, ``.times``, ``.trajectory``).
     """
     from fewflow.solvers import solve
 
@@ -796,12 +851,28 @@ def generate(
     if flow_map:
         steps = nfe if _is_int(nfe) and nfe >= 1 else steps_for_nfe("euler", nfe)
         step_obj: Any = "flow_map"
+    elif stepper == "flowturbo":
+        from fewflow.solvers.flowturbo import FlowTurboStepper
+
+        steps = steps_for_nfe(stepper, nfe)
+        step_obj = FlowTurboStepper(1, steps - 1)
     else:
         if stepper not in stepper_names():
             raise unknown_name("stepper", str(stepper), stepper_names())
         steps = steps_for_nfe(stepper, nfe)
         step_obj = stepper
-    time_grid = build_grid(grid, steps, **gkw)
+    if grid == "logsnr":
+        gkw.setdefault("schedule", build_path(cfg).schedule)
+    if torch.is_tensor(grid) or isinstance(grid, (list, tuple)):  # an explicit grid (e.g. a saved BOSS one)
+        from fewflow.solvers import as_grid
+
+        time_grid = as_grid(grid)
+        if time_grid.numel() - 1 != steps:
+            raise FewflowError(f"the given grid has {time_grid.numel() - 1} steps; nfe={nfe} needs {steps}")
+    elif grid == "boss":
+        time_grid = boss_grid(model, cfg, steps, run_dir=run_dir)
+    else:
+        time_grid = build_grid(grid, steps, **gkw)
     try:
         param = next(iter(model.parameters()))
         device, dtype = param.device, param.dtype
@@ -829,13 +900,17 @@ def generate(
                 f"labels must lie in [0, {top}]{extra} for this run, got {sorted(set(y.tolist()))[:5]}"
             )
         cond["y"] = y
-        if scale != 1.0:
+        if raag_alpha is not None:
+            from fewflow.guidance import RAAG
+
+            f = RAAG(model, w_max=scale, alpha=float(raag_alpha), num_classes=k)
+        elif scale != 1.0:
             from fewflow.guidance import CFG
 
             f = CFG(model, scale, k)
     elif label is not None:
         raise FewflowError("this run is unconditional; --label needs a class-conditional run")
-    elif scale != 1.0:
+    elif scale != 1.0 or raag_alpha is not None:
         raise FewflowError(
             "this run is unconditional; classifier-free guidance (--cfg) needs a conditional run"
         )

@@ -277,10 +277,13 @@ def primary_metric(data: BenchData) -> str:
     return "sw2" if data.kind == "toy" else "fd"
 
 
-def quality(data: BenchData, x: Tensor, y: Tensor | None = None, mmd_points: int = 2000) -> dict[str, float]:
+def quality(
+    data: BenchData, x: Tensor, y: Tensor | None = None, mmd_points: int | None = None
+) -> dict[str, float]:
     """Metrics of generated samples: sliced-W2 (256 fixed projections) and RBF-MMD^2 (median bandwidth,
-    first ``mmd_points`` samples) for 2-D sets; Fréchet distance in the cached classifier's features and
-    classifier accuracy for images. Non-finite samples give ``inf``."""
+    first ``mmd_points`` samples, default ``min(2000, n / 2)``: the O(n^2) part) for 2-D sets; Fréchet
+    distance in the cached classifier's features and classifier accuracy for images (samples clamped to
+    the data range [-1, 1] first). Non-finite samples give ``inf``."""
     from fewflow.metrics import classifier_accuracy, fd_features, mmd_rbf, sliced_wasserstein
 
     x = x.detach().float().cpu()
@@ -288,7 +291,7 @@ def quality(data: BenchData, x: Tensor, y: Tensor | None = None, mmd_points: int
         return {"sw2": math.inf, "mmd": math.inf} if data.kind == "toy" else {"fd": math.inf, "acc": 0.0}
     if data.kind == "toy":
         g = torch.Generator().manual_seed(1234)
-        m = min(mmd_points, x.shape[0], data.target.shape[0])
+        m = min(mmd_points or min(2000, x.shape[0] // 2), x.shape[0], data.target.shape[0])
         return {
             "sw2": sliced_wasserstein(x, data.target, n_proj=256, generator=g),
             "mmd": mmd_rbf(x[:m], data.target[:m]),

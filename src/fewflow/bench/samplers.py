@@ -83,13 +83,13 @@ class SamplerPreset:
     boss_ref: int
     boss_refine_steps: int
     refiner_steps: int
-    cfg_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
-    raag: tuple[tuple[float, float], ...] = ((3.0, 1.0), (3.0, 3.0), (5.0, 3.0))  # (w_max, alpha)
+    cfg_scales: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0)
+    raag: tuple[tuple[float, float], ...] = ((2.0, 3.0), (3.0, 1.0), (3.0, 3.0), (5.0, 3.0))  # (w_max, alpha)
 
 
 SAMPLER_PRESETS = {
     "smoke": SamplerPreset(16, 5, 5, (1.0, 2.0), ((3.0, 2.0),)),
-    "quick": SamplerPreset(128, 300, 300),
+    "quick": SamplerPreset(128, 200, 200),
     "full": SamplerPreset(256, 1500, 1500),
 }
 

@@ -135,6 +135,11 @@ def evaluate_run(
             if cfg.objective.conditional:
                 k = int(cfg.meta.get("num_classes") or 0)
                 label = torch.arange(n) % k
+            step_grid: Any = grid
+            if grid == "boss":  # model-specific; built once per step count, outside the timed sampling
+                from fewflow.run import boss_grid
+
+                step_grid = boss_grid(model, cfg, steps)
             t0 = time.perf_counter()
             res = generate(
                 model,
@@ -142,7 +147,7 @@ def evaluate_run(
                 n,
                 nfe=int(nfe),
                 stepper=stepper,
-                grid=grid,
+                grid=step_grid,
                 label=label,
                 source=source,
                 generator=gen,

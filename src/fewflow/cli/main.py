@@ -361,7 +361,9 @@ def _deep_update(base: dict, new: dict) -> None:
 @click.option(
     "--nfe", type=int, default=None, help="Model evaluations (Euler: steps; Heun/midpoint: 2 per step)."
 )
-@click.option("--solver", default=None, help="euler | midpoint | heun | rk4.  [default: the run's]")
+@click.option(
+    "--solver", default=None, help="euler | midpoint | heun | rk4 | flowturbo.  [default: the run's]"
+)
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
 @click.option(
     "--out",
@@ -370,8 +372,14 @@ def _deep_update(base: dict, new: dict) -> None:
     required=True,
     help="Output file: .npy, .pt, or .png (scatter for 2-D, image grid otherwise).",
 )
-@click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm.")
+@click.option(
+    "--schedule", "grid", default=None, help="Time grid: uniform | shift | edm | logsnr | boss (BOSS)."
+)
 @click.option("--shift", type=float, default=None, help="Shift factor for --schedule shift (default 3).")
+@click.option(
+    "--raag", "raag_alpha", type=float, default=None,
+    help="Ratio-aware adaptive guidance with this alpha; --cfg is then w_max.",
+)
 @click.option(
     "--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale (1 = off)."
 )
@@ -387,7 +395,7 @@ def _deep_update(base: dict, new: dict) -> None:
 @click.option("--device", default="cpu", show_default=True, help="Device to sample on.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
 def sample_cmd(
-    run_dir, nfe, solver, n, out, grid, shift, cfg_scale, label, seed, which, device, threads
+    run_dir, nfe, solver, n, out, grid, shift, raag_alpha, cfg_scale, label, seed, which, device, threads
 ) -> None:
     """Draw samples from a trained run.
 
@@ -396,6 +404,9 @@ def sample_cmd(
       fewflow sample runs/cb --nfe 8 --solver heun --n 2000 --out s.npy
       fewflow sample runs/cb --nfe 4 --schedule shift --shift 3 --out s.png
       fewflow sample runs/digits --nfe 16 --cfg 2.0 --label 3 --out threes.png
+      fewflow sample runs/digits --nfe 4 --cfg 3.0 --raag 10 --out raag.png
+      fewflow sample runs/cb --nfe 4 --schedule boss --out boss.png     # cached in runs/cb
+      fewflow sample runs/cb --nfe 6 --solver flowturbo --out turbo.png
     """
     import torch
 
@@ -424,6 +435,8 @@ def sample_cmd(
         cfg_scale=cfg_scale,
         label=label,
         generator=gen,
+        raag_alpha=raag_alpha,
+        run_dir=run_dir,
     )
     x = res.x.detach().cpu()
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -456,7 +469,7 @@ def sample_cmd(
 @click.option(
     "--solver", default=None, help="Comma-separated steppers, e.g. euler,heun.  [default: the run's]"
 )
-@click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm.")
+@click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm | logsnr | boss.")
 @click.option(
     "--n", "n", type=int, default=None, help="Samples per evaluation (default: 2-D 10000, images 2000)."
 )
