@@ -518,6 +518,8 @@ def measure_samples(
     """Run ``sample_fn(x0, cond) -> (x, nfe)`` on the fixed evaluation draws (in chunks of ``batch``);
     returns samples, NFE per sample (batched forwards of one chunk) and sampling wall time in seconds."""
     xs, nfe = [], 0
+    with torch.no_grad():  # warm-up (first-call allocations), not timed
+        sample_fn(data.eval_x0[:8], data.cond(None if data.eval_y is None else data.eval_y[:8]))
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, data.eval_x0.shape[0], batch):
@@ -566,10 +568,15 @@ def plot_quality_vs_nfe(panels: dict[str, dict[str, Any]], path: Path, title: st
     n = max(1, len(panels))
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
     for ax, (name, p) in zip(axes[0], panels.items()):
-        for label, (xs, ys) in p["curves"].items():
+        colors = plt.get_cmap("tab20").colors
+        for i, (label, (xs, ys)) in enumerate(p["curves"].items()):
             pts = [(a, b) for a, b in zip(xs, ys) if b is not None and math.isfinite(b) and b > 0]
-            if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, lw=1.2, label=label)
+            if not pts:
+                continue
+            teacher = label.startswith("teacher")
+            style = {"color": "k", "lw": 2.0, "marker": "s"} if teacher else {
+                "color": colors[(2 * i) % 20 + (i // 10) % 2], "lw": 1.2, "marker": "o"}
+            ax.plot([a for a, _ in pts], [b for _, b in pts], ms=3, label=label, **style)
         for i, (label, v) in enumerate(p.get("hlines", {}).items()):
             if v is not None and math.isfinite(v) and v > 0:
                 ax.axhline(v, color="k", ls=["--", ":", "-."][i % 3], lw=1, label=label)
@@ -581,7 +588,7 @@ def plot_quality_vs_nfe(panels: dict[str, dict[str, Any]], path: Path, title: st
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
