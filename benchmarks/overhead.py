@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:  # noqa: BLE001 - any import failure means "not measured"
         rows.append(("(d) torchcfm exact-OT / independent CFM steps/s", "not measured", "",
-                     f"torchcfm not importable ({type(exc).__name__}); the issue quotes 0.23x"))
+                     f"torchcfm not importable ({type(exc).__name__}; `pip install --no-deps torchcfm` "
+                     "to measure it); the issue quotes 0.23x"))
     else:
         def tcfm_step(fm) -> Callable[[], None]:
             def step() -> None:
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         f"one independent CFM step: {tb['fewflow']*1e3:.1f} ms. With prefetching, OT-CFM throughput is "
         "bounded by min(1, workers x step time / solve time) relative to independent CFM, and needs a "
         "free core per worker; when the solve is slower than a step, only more workers (cores) close "
-        "the gap.",
+        "the gap. (d) is measured when torchcfm imports: `pip install --no-deps torchcfm` (its torchdyn "
+        "dependency would pull a torchvision that does not import beside this torch).",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
