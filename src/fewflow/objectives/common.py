@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewflow._validate import FewflowError, check_same_shape
+from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape
 from fewflow.couplings.base import rand, randn_like
+from fewflow.objectives.base import LossOutput
 
 __all__ = [
+    "SampledTimesObjective",
     "check_flow_map",
     "check_linear_path",
     "drop_labels",
@@ -105,3 +107,34 @@ def select_rows(cond: dict[str, Any], mask: Tensor) -> dict[str, Any]:
         k: (v[mask.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
         for k, v in cond.items()
     }
+
+
+class SampledTimesObjective:
+    """Base of the flow-map objectives that draw ``x0`` from a source, sample times and drop labels, then
+    score ``loss_at(model, x0, x1, *times, **cond)`` (MeanFlow, SplitMeanFlow, consistency, shortcut,
+    MF-RAE distillation). Subclasses set ``source``, ``label_dropout``, ``num_classes`` and implement
+    ``sample_times(n, like, generator) -> tuple of (B,) tensors`` and ``loss_at``; ``pass_dropped = True``
+    also hands ``loss_at`` the mask of rows whose label was dropped (MeanFlow's guided target needs it)."""
+
+    source: Any = None
+    label_dropout: float = 0.0
+    num_classes: int | None = None
+    pass_dropped: bool = False
+
+    def sample_times(self, n: int, like: Tensor, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def loss_at(self, model: Any, x0: Tensor, x1: Tensor, *times: Tensor, **cond: Any) -> LossOutput:
+        raise NotImplementedError
+
+    def __call__(
+        self, model: Any, x1: Tensor, *, generator: torch.Generator | None = None, **cond: Any
+    ) -> LossOutput:
+        check_finite("x1", x1)
+        check_batch("x1", x1)
+        x0 = sample_source(self.source, x1, generator)
+        times = self.sample_times(x1.shape[0], x1, generator)
+        cond, dropped = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
+        if self.pass_dropped:
+            cond["dropped"] = dropped
+        return self.loss_at(model, x0, x1, *times, **cond)

@@ -46,15 +46,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
+from fewflow._validate import FewflowError, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
+    SampledTimesObjective,
     check_flow_map,
     check_linear_path,
-    drop_labels,
     per_sample_sq,
     rand,
-    sample_source,
     select_rows,
 )
 from fewflow.objectives.meanflow import TimePairSampler
@@ -131,7 +130,7 @@ def consistency_target(
     return tgt, x_s2, s2
 
 
-class ConsistencyLoss:
+class ConsistencyLoss(SampledTimesObjective):
     """Consistency distillation (``teacher`` given) or consistency training / Consistency-FM (no teacher)
     for a flow-map model; ``objective(model, x1, *, generator=None, **cond) -> LossOutput``.
 
@@ -237,16 +236,6 @@ class ConsistencyLoss:
         diag["frac_boundary"] = float((s == t).to(s.dtype).mean())
         return LossOutput(loss=loss, diagnostics=diag)
 
-    def __call__(
-        self, model: Any, x1: Tensor, *, generator: torch.Generator | None = None, **cond: Any
-    ) -> LossOutput:
-        check_finite("x1", x1)
-        check_batch("x1", x1)
-        x0 = sample_source(self.source, x1, generator)
-        s, t = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
-        return self.loss_at(model, x0, x1, s, t, **cond)
-
     def __repr__(self) -> str:
         kind = "distillation" if self.teacher is not None else "training"
         return f"ConsistencyLoss({kind}, delta={self.delta:g}, time_sampler={self.time_sampler!r})"
@@ -278,7 +267,7 @@ def shortcut_target(
     return 0.5 * (u1 + u2)
 
 
-class ShortcutLoss:
+class ShortcutLoss(SampledTimesObjective):
     """Shortcut-model objective ("One Step Diffusion via Shortcut Models", Frans et al.) for a flow-map
     model: ``objective(model, x1, *, generator=None, **cond) -> LossOutput``.
 
@@ -367,16 +356,6 @@ class ShortcutLoss:
                 "mse_bootstrap": float(sq[boot].mean()) if bool(boot.any()) else float("nan"),
             }
         return LossOutput(loss=sq.mean(), diagnostics=diag)
-
-    def __call__(
-        self, model: Any, x1: Tensor, *, generator: torch.Generator | None = None, **cond: Any
-    ) -> LossOutput:
-        check_finite("x1", x1)
-        check_batch("x1", x1)
-        x0 = sample_source(self.source, x1, generator)
-        s, d = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
-        return self.loss_at(model, x0, x1, s, d, **cond)
 
     def __repr__(self) -> str:
         m, frac = round(1 / self.min_step), self.bootstrap_fraction

@@ -55,15 +55,14 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
+from fewflow._validate import FewflowError, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
+    SampledTimesObjective,
     check_flow_map,
     check_linear_path,
-    drop_labels,
     is_ddp,
     per_sample_sq,
-    sample_source,
     unwrap,
 )
 from fewflow.objectives.time_samplers import LogitNormalTime, TimeSampler, UniformTime
@@ -238,7 +237,7 @@ def meanflow_target(
 # ------------------------------------------------------------------------------------------- the objective
 
 
-class MeanFlowLoss:
+class MeanFlowLoss(SampledTimesObjective):
     """MeanFlow objective ``objective(model, x1, *, generator=None, **cond) -> LossOutput``.
 
     From "Mean Flows for One-step Generative Modeling" (Geng, Deng, Bai, Kolter, He, 2025), in fewflow time;
@@ -265,6 +264,8 @@ class MeanFlowLoss:
         reduction: per-sample reduction over data dims, ``"sum"`` (official code) or ``"mean"`` (plain MSE,
             the scale of fewflow's ``CFMLoss``).
     """
+
+    pass_dropped = True  # the guided target keeps the plain velocity on rows whose label was dropped
 
     def __init__(
         self,
@@ -377,16 +378,6 @@ class MeanFlowLoss:
                 "frac_s_ne_t": float(neq.to(s.dtype).mean()),
             }
         return LossOutput(loss=loss, diagnostics=diag)
-
-    def __call__(
-        self, model: Any, x1: Tensor, *, generator: torch.Generator | None = None, **cond: Any
-    ) -> LossOutput:
-        check_finite("x1", x1)
-        check_batch("x1", x1)
-        x0 = sample_source(self.source, x1, generator)
-        s, t = self.sample_times(x1.shape[0], x1, generator)
-        cond, dropped = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
-        return self.loss_at(model, x0, x1, s, t, dropped=dropped, **cond)
 
     def __repr__(self) -> str:
         return (

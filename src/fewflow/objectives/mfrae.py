@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
+    SampledTimesObjective,
     check_flow_map,
     check_linear_path,
     drop_labels,
@@ -264,7 +265,7 @@ class ConsistencyMidTrainingLoss:
 # ------------------------------------------------------------------------------------------ MFD / MFT
 
 
-class MeanFlowDistillationLoss:
+class MeanFlowDistillationLoss(SampledTimesObjective):
     """MeanFlow distillation (MFD) with the finite-difference time derivative, ``objective(model, x1, ...)``.
 
     From "MeanFlow Transformers with Representation Autoencoders" (Hu et al. 2025), ``training_losses_mfd``
@@ -370,16 +371,6 @@ class MeanFlowDistillationLoss:
                 "mse_flow_map": float(per[neq].mean()) if bool(neq.any()) else float("nan"),
             }
         return LossOutput(loss=loss, diagnostics=diag)
-
-    def __call__(
-        self, model: Any, x1: Tensor, *, generator: torch.Generator | None = None, **cond: Any
-    ) -> LossOutput:
-        check_finite("x1", x1)
-        check_batch("x1", x1)
-        x0 = sample_source(self.source, x1, generator)
-        s, t = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
-        return self.loss_at(model, x0, x1, s, t, **cond)
 
     def __repr__(self) -> str:
         return (

@@ -26,15 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
+from fewflow._validate import FewflowError, expand_like, unknown_name
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
+    SampledTimesObjective,
     check_flow_map,
     check_linear_path,
-    drop_labels,
     per_sample_sq,
     rand,
-    sample_source,
     select_rows,
 )
 from fewflow.objectives.meanflow import TimePairSampler, adaptive_weighted_loss
@@ -62,7 +61,7 @@ def splitmeanflow_target(
     return lam_e * u1 + (1.0 - lam_e) * u2
 
 
-class SplitMeanFlowLoss:
+class SplitMeanFlowLoss(SampledTimesObjective):
     """SplitMeanFlow objective ``objective(model, x1, *, generator=None, **cond) -> LossOutput``.
 
     From "SplitMeanFlow: Interval Splitting Consistency in Few-Step Generative Modeling" (Guo et al. 2025).
@@ -160,16 +159,6 @@ class SplitMeanFlowLoss:
                 "frac_boundary": float(bnd.to(s.dtype).mean()),
             }
         return LossOutput(loss=loss, diagnostics=diag)
-
-    def __call__(
-        self, model: Any, x1: Tensor, *, generator: torch.Generator | None = None, **cond: Any
-    ) -> LossOutput:
-        check_finite("x1", x1)
-        check_batch("x1", x1)
-        x0 = sample_source(self.source, x1, generator)
-        s, t, lam = self.sample_times(x1.shape[0], x1, generator)
-        cond, _ = drop_labels(cond, self.label_dropout, self.num_classes, x1, generator)
-        return self.loss_at(model, x0, x1, s, t, lam, **cond)
 
     def __repr__(self) -> str:
         return (
