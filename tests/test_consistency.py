@@ -4,37 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fewstep_helpers import FixedTime, flow_map_mlp, gaussian_flow
 
 from fewflow import FewflowError
-from fewflow.analytic import GaussianFlow
 from fewflow.models import MLP
 from fewflow.objectives.cfm import CFMLoss
 from fewflow.objectives.consistency import ConsistencyLoss, ShortcutLoss, consistency_target, shortcut_target
 from fewflow.paths import AffinePath, LinearSchedule
-
-
-def _flow_map_mlp(dim: int = 3) -> MLP:
-    torch.manual_seed(0)
-    model = MLP(dim, hidden=32, depth=2, flow_map=True, time_features="fourier", num_frequencies=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.double()
-
-
-def _gaussian_flow() -> GaussianFlow:
-    g = torch.Generator().manual_seed(3)
-    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
-    cov = a @ a.T * 0.3 + 0.2 * torch.eye(3, dtype=torch.float64)
-    return GaussianFlow(torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64), cov, LinearSchedule())
-
-
-class _FixedTime:
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def sample(self, n, *, device=None, dtype=None, generator=None):
-        return self.t.to(device=device, dtype=dtype)
 
 
 def _pairs(gen, b=32):
@@ -46,7 +22,7 @@ def _pairs(gen, b=32):
 
 def _assert_equals_cfm(out, model, x0, x1, t):
     g = torch.autograd.grad(out.loss, list(model.parameters()))
-    ref = CFMLoss(AffinePath(LinearSchedule()), time_sampler=_FixedTime(t)).pair_loss(
+    ref = CFMLoss(AffinePath(LinearSchedule()), time_sampler=FixedTime(t)).pair_loss(
         lambda x, tt: model(x, tt, tt), x0, x1
     )
     g_ref = torch.autograd.grad(ref.loss, list(model.parameters()))
@@ -59,15 +35,15 @@ def _assert_equals_cfm(out, model, x0, x1, t):
 
 
 def test_consistency_s_equal_t_is_cfm(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     x0, x1, t = _pairs(gen)
     out = ConsistencyLoss(delta=0.1).loss_at(model, x0, x1, t, t)
     _assert_equals_cfm(out, model, x0, x1, t)
 
 
 def test_consistency_distillation_s_equal_t_regresses_the_teacher(gen):
-    flow = _gaussian_flow()
-    model = _flow_map_mlp()
+    flow = gaussian_flow()
+    model = flow_map_mlp()
     x0, x1, t = _pairs(gen)
     out = ConsistencyLoss(teacher=flow, delta=0.1).loss_at(model, x0, x1, t, t)
     x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
@@ -76,7 +52,7 @@ def test_consistency_distillation_s_equal_t_regresses_the_teacher(gen):
 
 
 def test_shortcut_d_zero_is_cfm(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     x0, x1, t = _pairs(gen)
     out = ShortcutLoss().loss_at(model, x0, x1, t, torch.zeros_like(t))
     _assert_equals_cfm(out, model, x0, x1, t)
@@ -88,7 +64,7 @@ def test_shortcut_d_zero_is_cfm(gen):
 @pytest.mark.parametrize("stepper,order", [("euler", 2), ("heun", 3)])
 def test_consistency_distillation_target_of_exact_flow_map(gen, stepper, order):
     """u_tgt - u = (local error of one teacher step) / (t - s): O(delta^(k+1)) for an order-k step."""
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     exact = flow.as_flow_map_model()
     x = flow.sample(64, t=0.2, generator=gen)
     s = torch.full((64,), 0.2, dtype=torch.float64)
@@ -106,7 +82,7 @@ def test_consistency_distillation_target_of_exact_flow_map(gen, stepper, order):
 
 def test_consistency_training_target_formula(gen):
     """Independent computation of the straight-path consistency target, incl. the last interval."""
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     x0, x1, _ = _pairs(gen, 8)
     s = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 0.99], dtype=torch.float64)
     t = torch.tensor([1.0, 1.0, 0.6, 1.0, 0.9, 0.9, 1.0, 1.0], dtype=torch.float64)
@@ -125,12 +101,12 @@ def test_consistency_training_target_formula(gen):
 
 
 def test_consistency_loss_backprops_only_through_the_online_branch(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     x0, x1, t = _pairs(gen)
     s = t * 0.5
     out = ConsistencyLoss(delta=0.05, velocity_weight=0.3).loss_at(model, x0, x1, s, torch.ones_like(s))
     # gradient equals that of the same loss with a frozen copy providing the targets
-    frozen = _flow_map_mlp()
+    frozen = flow_map_mlp()
     ref = ConsistencyLoss(delta=0.05, velocity_weight=0.3, target_model=frozen).loss_at(
         model, x0, x1, s, torch.ones_like(s)
     )
@@ -143,7 +119,7 @@ def test_consistency_loss_backprops_only_through_the_online_branch(gen):
 
 
 def test_shortcut_target_of_exact_flow_map(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     exact = flow.as_flow_map_model()
     x = flow.sample(32, t=0.25, generator=gen)
     s = torch.full((32,), 0.25, dtype=torch.float64)
@@ -175,7 +151,7 @@ def test_shortcut_time_sampling(gen):
 
 
 def test_bad_inputs_raise(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     with pytest.raises(FewflowError, match="delta"):
         ConsistencyLoss(delta=0.0)
     with pytest.raises(FewflowError, match="velocity stepper"):

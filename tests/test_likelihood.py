@@ -9,29 +9,9 @@ import torch
 
 from fewflow import FewflowError
 from fewflow.analytic import GaussianFlow
+from fewflow.paths import LinearSchedule
 from fewflow.solvers import solve, uniform_grid
 from fewflow.solvers.likelihood import divergence_exact, divergence_hutchinson, log_likelihood
-
-try:  # the paths layer; a tiny stand-in keeps these tests independent of it
-    from fewflow.paths import LinearSchedule
-except ImportError:  # pragma: no cover - only before fewflow.paths exists
-    try:
-        from fewflow.paths.schedules import LinearSchedule
-    except ImportError:
-
-        class LinearSchedule:
-            def alpha(self, t):
-                return t
-
-            def sigma(self, t):
-                return 1 - t
-
-            def d_alpha(self, t):
-                return torch.ones_like(t)
-
-            def d_sigma(self, t):
-                return -torch.ones_like(t)
-
 
 F64 = torch.float64
 M = torch.tensor([1.0, -2.0, 0.5], dtype=F64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fewstep_helpers import flow_map_mlp, gaussian_flow
 from torch import nn
 
 from fewflow import FewflowError
@@ -15,24 +16,8 @@ from fewflow.paths import LinearSchedule
 from fewflow.solvers import solve
 
 
-def _flow_map_mlp(dim: int = 3) -> MLP:
-    torch.manual_seed(0)
-    model = MLP(dim, hidden=32, depth=2, flow_map=True, time_features="fourier", num_frequencies=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.double()
-
-
-def _gaussian_flow() -> GaussianFlow:
-    g = torch.Generator().manual_seed(3)
-    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
-    cov = a @ a.T * 0.3 + 0.2 * torch.eye(3, dtype=torch.float64)
-    return GaussianFlow(torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64), cov, LinearSchedule())
-
-
 def test_forward_difference_matches_jvp(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
     v = torch.randn(32, 3, generator=gen, dtype=torch.float64)
     s = torch.rand(32, generator=gen, dtype=torch.float64) * 0.9
@@ -49,7 +34,7 @@ def test_forward_difference_matches_jvp(gen):
 
 
 def test_vm_target_of_exact_flow_map_and_teacher(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     exact = flow.as_flow_map_model()
     x = flow.sample(64, t=0.4, generator=gen)
     s = torch.full((64,), 0.4, dtype=torch.float64)
@@ -79,9 +64,9 @@ class _Teacher(nn.Module):
 
 
 def test_vd_gradient_flows_only_through_the_fake_branch(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     teacher = _Teacher(flow)
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     loss = MDTDistLoss(teacher, lambda_vm=0.0, delta=0.01)
     z = torch.randn(16, 3, generator=gen, dtype=torch.float64)
     eps = torch.randn(16, 3, generator=gen, dtype=torch.float64)
@@ -107,7 +92,7 @@ def test_vd_gradient_flows_only_through_the_fake_branch(gen):
 
 
 def test_vd_vanishes_at_the_exact_transport(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     exact = flow.as_flow_map_model()
     loss = MDTDistLoss(flow, delta=1e-3, d_norm=False)
     z = torch.randn(64, 3, generator=gen, dtype=torch.float64)
@@ -118,8 +103,8 @@ def test_vd_vanishes_at_the_exact_transport(gen):
 
 
 def test_vm_loss_and_full_call(gen):
-    flow = _gaussian_flow()
-    model = _flow_map_mlp()
+    flow = gaussian_flow()
+    model = flow_map_mlp()
     x1 = flow.sample(32, generator=gen)
     out = MDTDistLoss(flow)(model, x1, generator=gen)
     assert {"vm", "vd", "loss"} <= set(out.diagnostics)
@@ -131,7 +116,7 @@ def test_vm_loss_and_full_call(gen):
 
 
 def test_data_end_sampler(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     z = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     one = solve(DataEndVelocity(model), z, steps=1)
     ones = torch.ones(8, dtype=torch.float64)
@@ -143,7 +128,7 @@ def test_data_end_sampler(gen):
 
 
 def test_bad_inputs_raise(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     with pytest.raises(FewflowError, match="lambda"):
         MDTDistLoss(flow, lambda_vm=0.0, lambda_vd=0.0)
     with pytest.raises(FewflowError, match="teacher"):

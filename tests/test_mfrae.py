@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fewstep_helpers import FixedTime, flow_map_mlp, gaussian_flow
 
 from fewflow import FewflowError
-from fewflow.analytic import GaussianFlow
 from fewflow.models import MLP
 from fewflow.objectives.cfm import CFMLoss
 from fewflow.objectives.meanflow import flow_map_jvp
@@ -21,30 +21,6 @@ from fewflow.paths import AffinePath, LinearSchedule
 from fewflow.solvers import solve
 
 
-def _flow_map_mlp(dim: int = 3) -> MLP:
-    torch.manual_seed(0)
-    model = MLP(dim, hidden=32, depth=2, flow_map=True, time_features="fourier", num_frequencies=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.double()
-
-
-def _gaussian_flow() -> GaussianFlow:
-    g = torch.Generator().manual_seed(3)
-    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
-    cov = a @ a.T * 0.3 + 0.2 * torch.eye(3, dtype=torch.float64)
-    return GaussianFlow(torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64), cov, LinearSchedule())
-
-
-class _FixedTime:
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def sample(self, n, *, device=None, dtype=None, generator=None):
-        return self.t.to(device=device, dtype=dtype)
-
-
 def _times(gen, b=32):
     a = torch.rand(b, generator=gen, dtype=torch.float64) * 0.9 + 0.05
     c = torch.rand(b, generator=gen, dtype=torch.float64) * 0.9 + 0.05
@@ -55,7 +31,7 @@ def _times(gen, b=32):
 
 
 def test_cmt_on_exact_flow_map_trajectories_is_zero(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     exact = flow.as_flow_map_model()
     times = torch.linspace(0, 1, 9, dtype=torch.float64)
     x0 = torch.randn(16, 3, generator=gen, dtype=torch.float64)
@@ -68,7 +44,7 @@ def test_cmt_on_exact_flow_map_trajectories_is_zero(gen):
 
 def test_cmt_targets_are_the_teacher_discrete_flow_map(gen):
     """With Euler trajectories, the target of a neighbouring pair (i, i+1) is the teacher velocity at x_i."""
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     cmt = ConsistencyMidTrainingLoss(teacher=flow, steps=8)
     x0 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     traj, times = cmt.trajectories(x0)
@@ -94,8 +70,8 @@ def test_cmt_targets_are_the_teacher_discrete_flow_map(gen):
 
 
 def test_cmt_full_call_backprops(gen):
-    flow = _gaussian_flow()
-    model = _flow_map_mlp()
+    flow = gaussian_flow()
+    model = flow_map_mlp()
     out = ConsistencyMidTrainingLoss(teacher=flow, steps=4, pairs_per_trajectory=2)(
         model, torch.randn(8, 3, generator=gen, dtype=torch.float64), generator=gen
     )
@@ -107,7 +83,7 @@ def test_cmt_full_call_backprops(gen):
 
 
 def test_fd_derivative_matches_jvp(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     s, t = _times(gen)
     x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
     v = torch.randn(32, 3, generator=gen, dtype=torch.float64)
@@ -122,7 +98,7 @@ def test_fd_derivative_matches_jvp(gen):
 
 
 def test_mfd_target_of_exact_flow_map_and_teacher(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     exact = flow.as_flow_map_model()
     s, t = _times(gen, 64)
     x = flow.sample(64, t=0.5, generator=gen)
@@ -137,12 +113,12 @@ def test_mfd_target_of_exact_flow_map_and_teacher(gen):
 
 
 def test_mft_s_equal_t_is_cfm_and_mfd_regresses_the_teacher(gen):
-    model = _flow_map_mlp()
+    model = flow_map_mlp()
     x0 = torch.randn(32, 3, generator=gen, dtype=torch.float64)
     x1 = torch.randn(32, 3, generator=gen, dtype=torch.float64) + 2.0
     t = torch.rand(32, generator=gen, dtype=torch.float64)
     out = MeanFlowBootstrapLoss(adaptive_p=0.0, square=False, reduction="mean").loss_at(model, x0, x1, t, t)
-    ref = CFMLoss(AffinePath(LinearSchedule()), time_sampler=_FixedTime(t)).pair_loss(
+    ref = CFMLoss(AffinePath(LinearSchedule()), time_sampler=FixedTime(t)).pair_loss(
         lambda x, tt: model(x, tt, tt), x0, x1
     )
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-14)
@@ -151,7 +127,7 @@ def test_mft_s_equal_t_is_cfm_and_mfd_regresses_the_teacher(gen):
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
     per = (model(x_t, t, t) - flow.velocity(x_t, t)).pow(2).sum(1)
     # the code's weighting squares the per-sample loss: mean L^2 / sg(L^2 + c)^p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fewstep_helpers import FixedTime
 
 from fewflow import FewflowError
 from fewflow.analytic import GaussianFlow
@@ -18,14 +19,6 @@ from fewflow.objectives.rectified_diffusion import (
 from fewflow.objectives.time_samplers import UniformTime
 from fewflow.paths import AffinePath, CosineSchedule, LinearSchedule, VPSchedule
 from fewflow.solvers import solve
-
-
-class _FixedTime:
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def sample(self, n, *, device=None, dtype=None, generator=None):
-        return self.t.to(device=device, dtype=dtype)
 
 
 def _pairs(gen, b=32):
@@ -59,7 +52,7 @@ def test_velocity_mse_on_linear_path_is_reflow_cfm(gen):
         AffinePath(LinearSchedule()), prediction="velocity", loss="mse", space="prediction"
     )
     out = rd.pair_loss(model, x0, x1, t=t)
-    ref = CFMLoss(AffinePath(LinearSchedule()), time_sampler=_FixedTime(t)).pair_loss(model, x0, x1)
+    ref = CFMLoss(AffinePath(LinearSchedule()), time_sampler=FixedTime(t)).pair_loss(model, x0, x1)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-14)
     # the trainer's batch dict {"x1", "x0"} reaches the same loss through __call__
     rd2 = RectifiedDiffusionLoss(
@@ -67,7 +60,7 @@ def test_velocity_mse_on_linear_path_is_reflow_cfm(gen):
         prediction="velocity",
         loss="mse",
         space="prediction",
-        time_sampler=_FixedTime(t),
+        time_sampler=FixedTime(t),
     )
     torch.testing.assert_close(rd2(model, x1, x0=x0).loss, ref.loss, rtol=1e-12, atol=1e-14)
 

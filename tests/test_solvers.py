@@ -9,6 +9,7 @@ import torch
 
 from fewflow import FewflowError
 from fewflow.analytic import GaussianFlow
+from fewflow.paths import LinearSchedule, VPSchedule
 from fewflow.solvers import (
     RK4,
     Euler,
@@ -25,43 +26,6 @@ from fewflow.solvers import (
     solve_adaptive,
     uniform_grid,
 )
-
-try:  # the paths layer; a tiny stand-in keeps these tests independent of it
-    from fewflow.paths import LinearSchedule, VPSchedule
-except ImportError:  # pragma: no cover - only before fewflow.paths exists
-    try:
-        from fewflow.paths.schedules import LinearSchedule, VPSchedule
-    except ImportError:
-
-        class LinearSchedule:
-            def alpha(self, t):
-                return t
-
-            def sigma(self, t):
-                return 1 - t
-
-            def d_alpha(self, t):
-                return torch.ones_like(t)
-
-            def d_sigma(self, t):
-                return -torch.ones_like(t)
-
-        class VPSchedule:
-            def _T(self, s):
-                return 0.1 * s + 9.95 * s**2
-
-            def alpha(self, t):
-                return torch.exp(-0.5 * self._T(1 - t))
-
-            def sigma(self, t):
-                return torch.sqrt(-torch.expm1(-self._T(1 - t)))
-
-            def d_alpha(self, t):
-                return 0.5 * (0.1 + 19.9 * (1 - t)) * self.alpha(t)
-
-            def d_sigma(self, t):
-                return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
-
 
 F64 = torch.float64
 M = torch.tensor([1.0, -2.0], dtype=F64)

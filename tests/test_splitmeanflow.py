@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fewstep_helpers import gaussian_flow
 
 from fewflow import FewflowError
-from fewflow.analytic import GaussianFlow
 from fewflow.models import MLP
 from fewflow.objectives.cfm import CFMLoss
 from fewflow.objectives.splitmeanflow import SplitMeanFlowLoss, splitmeanflow_target
 from fewflow.paths import AffinePath, CosineSchedule, LinearSchedule
-
-
-def _gaussian_flow() -> GaussianFlow:
-    g = torch.Generator().manual_seed(3)
-    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
-    cov = a @ a.T * 0.3 + 0.2 * torch.eye(3, dtype=torch.float64)
-    return GaussianFlow(torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64), cov, LinearSchedule())
 
 
 def _times(gen: torch.Generator, b: int):
@@ -36,7 +29,7 @@ def _flow_map_mlp(**kw) -> MLP:
 
 
 def test_interval_splitting_identity_is_exact_for_the_gaussian_flow_map(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     model = flow.as_flow_map_model()
     x = torch.randn(256, 3, generator=gen, dtype=torch.float64) * 2
     s, t, lam = _times(gen, 256)
@@ -52,7 +45,7 @@ def test_interval_splitting_identity_is_exact_for_the_gaussian_flow_map(gen):
 
 
 def test_loss_vanishes_at_the_exact_solution_and_not_elsewhere(gen):
-    flow = _gaussian_flow()
+    flow = gaussian_flow()
     exact = flow.as_flow_map_model()
     x1 = flow.sample(128, generator=gen)
     x0 = torch.randn(128, 3, generator=gen, dtype=torch.float64)
