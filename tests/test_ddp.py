@@ -57,13 +57,20 @@ def test_shard_gives_equal_slices_of_the_global_batch():
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     src = str(HERE.parent / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(HERE / "ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), str(tmp_path)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        # Seen once in ~30 runs on a loaded 2-core machine: a rank aborts in gloo's C++ teardown
+        # ("terminate called without an active exception", SIGABRT) after training finished. That is
+        # torch's process-group shutdown, not the code under test; it gets one fresh retry. Any other
+        # failure, or the same one twice, fails the test.
+        teardown_abort = "terminate called without an active exception" in proc.stdout + proc.stderr
+        if proc.returncode == 0 or not teardown_abort or attempt == 1:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     worker = _worker()
