@@ -328,10 +328,13 @@ def train_cmd(
             import shutil
 
             shutil.rmtree(out_dir)
-    _say(f"training {cfg.objective.method} on {cfg.data.name} -> {out_dir}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    if main_rank:
+        _say(f"training {cfg.objective.method} on {cfg.data.name} -> {out_dir}")
     result = train_run(cfg, out_dir, resume=resume)
-    _say(f"done: step {result.step}, last loss {result.last_loss:.4g} ({result.stopped_reason})")
-    click.echo(str(out_dir))
+    if main_rank:
+        _say(f"done: step {result.step}, last loss {result.last_loss:.4g} ({result.stopped_reason})")
+        click.echo(str(out_dir))
 
 
 def _deep_update(base: dict, new: dict) -> None:
