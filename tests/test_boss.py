@@ -133,7 +133,7 @@ def test_boss_grid_beats_uniform_euler(gen, tmp_path):
         assert res_boss.nfe == k
         err_boss = float((res_boss.x - ref_end).pow(2).sum(1).mean())
         err_unif = float((solve(field, test_x0, steps=k).x - ref_end).pow(2).sum(1).mean())
-        assert err_boss < 0.9 * err_unif, (k, err_boss, err_unif)
+        assert err_boss < 0.85 * err_unif, (k, err_boss, err_unif)  # measured ratio 0.76-0.77
         # any stepper takes the grid
         assert solve(field, test_x0[:4], grid=sched.grid, stepper="heun").nfe == 2 * k
         # the schedule travels as JSON beside a model
@@ -239,7 +239,7 @@ def test_refinement_reduces_error_further():
 
     e_unif = err(teacher, torch.linspace(0, 1, 3, dtype=torch.float64))
     e_boss = err(teacher, sched.grid)
-    assert e_boss <= e_unif * 1.001
+    assert e_boss < 0.85 * e_unif, (e_boss, e_unif)  # measured 0.86 vs 1.23
 
     seg = boss_segments(ref, sched)
     for use_lora in (False, True):
@@ -260,8 +260,9 @@ def test_refinement_reduces_error_further():
             opt.step()
         student.eval()
         e_ref = err(student, sched.grid)
-        assert out.loss.item() < first
-        assert e_ref < 0.5 * e_boss, (use_lora, e_ref, e_boss)
+        assert out.loss.item() < 0.02 * first, (use_lora, out.loss.item(), first)  # measured 0.0036-0.0084 x
+        # measured e_ref 0.0075 (full) / 0.011 (LoRA) vs e_boss 0.86
+        assert e_ref < 0.025 * e_boss, (use_lora, e_ref, e_boss)
         if use_lora:
             merged = merge_lora(student)
             assert err(merged, sched.grid) == pytest.approx(e_ref, rel=1e-4)

@@ -121,7 +121,8 @@ def test_marginal_velocity_is_a_stationary_point_of_the_cfm_loss():
     (g0,) = torch.autograd.grad(loss_at(a0), a0)
     a1 = torch.full((), 0.5, dtype=torch.float64, requires_grad=True)
     (g1,) = torch.autograd.grad(loss_at(a1), a1)
-    assert abs(float(g0)) < 0.05 * abs(float(g1))
+    # measured ratio 3.5e-3; a velocity off by 10% (0.9 v) gives 3.6e-2
+    assert abs(float(g0)) < 0.01 * abs(float(g1))
     assert float(loss_at(torch.tensor(0.0))) < float(loss_at(torch.tensor(0.3)))
     assert float(loss_at(torch.tensor(0.0))) < float(loss_at(torch.tensor(-0.3)))
 
@@ -337,6 +338,7 @@ def test_ot_cfm_and_w_cfm_learn_straighter_paths_than_independent_cfm():
     sw_i, st_i, sw20_i = results["independent"]
     for name in ("ot", "wcfm"):
         sw, st, sw20 = results[name]
-        assert st < 0.25 * st_i, (name, results)  # measured: ~0.015 vs ~1.8
-        assert sw < 0.6 * sw_i, (name, results)  # measured: ~0.29 vs ~0.86
-        assert sw20 < 2.0 * sw20_i, (name, results)  # many-step samples stay on target (bounded bias)
+        assert st < 0.03 * st_i, (name, results)  # measured: 0.013-0.017 vs 1.78
+        assert sw < 0.5 * sw_i, (name, results)  # measured: 0.28-0.30 vs 0.86
+        assert sw20 < 1.5 * sw20_i, (name, results)  # many-step samples stay on target (0.25-0.28 vs 0.27)
+    assert sw20_i < 0.5, results  # the independent baseline itself learned the target (measured 0.27)

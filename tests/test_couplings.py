@@ -148,7 +148,7 @@ def test_sinkhorn_coupling_interpolates_between_exact_and_independent():
     sharp = SinkhornCoupling(reg=1e-3)(x0, x1, generator=torch.Generator().manual_seed(0))
     blurry = SinkhornCoupling(reg=10.0)(x0, x1, generator=torch.Generator().manual_seed(0))
     assert _mean_pair_cost(sharp.x0, x1) < exact * 1.1
-    assert abs(_mean_pair_cost(blurry.x0, x1) - indep) < 0.25 * indep
+    assert abs(_mean_pair_cost(blurry.x0, x1) - indep) < 0.1 * indep  # measured 10.6 vs 11.2 (exact 7.3)
     # sampling: x1 kept, x0 rows come from x0, and repeats are possible (documented)
     assert sharp.x1 is x1 and torch.equal(sharp.x0, x0[sharp.perm])
     assert blurry.diagnostics["unique_x0_fraction"] < 1.0

@@ -229,5 +229,7 @@ def test_flowturbo_beats_euler_and_heun_on_trained_model():
     e_heun = sw(solve(teacher, x0, steps=2, stepper="heun").x)
     e_pc, e_ft = sw(pc.x), sw(ft.x)
     assert e_pc < e_heun < e_euler, (e_pc, e_heun, e_euler)
-    assert e_ft < 0.7 * e_heun, (e_ft, e_heun)
-    assert e_ft < 0.8 * sw(unrefined.x)  # the trained refiner beats keeping the last velocity
+    assert e_ft < 0.6 * e_heun, (e_ft, e_heun)  # measured 0.080 vs 0.21
+    e_unref = sw(unrefined.x)
+    # the trained refiner beats keeping the last velocity (measured 0.080 vs 0.156)
+    assert e_ft < 0.7 * e_unref, (e_ft, e_unref)

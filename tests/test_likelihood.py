@@ -38,14 +38,14 @@ def test_exact_divergence_matches_gaussian_density(flow):
     ref = flow.log_prob(x1, 1.0)
     lp = log_likelihood(flow, x1, std_normal_log_prob, steps=20, stepper="rk4")
     assert lp.shape == (64,) and lp.dtype == F64
-    assert float((lp - ref).abs().max()) < 1e-3
+    assert float((lp - ref).abs().max()) < 3e-4  # measured 1.3e-4 (Heun at 20 steps: 0.32)
     # a source object with .log_prob and the adaptive solver give the same answer
     lp_ad = log_likelihood(flow, x1, StdNormal(), stepper="adaptive", rtol=1e-8, atol=1e-8)
-    assert float((lp_ad - ref).abs().max()) < 1e-4
+    assert float((lp_ad - ref).abs().max()) < 1e-6  # measured 1.8e-7
     # the sign matters: the wrong sign of the divergence term would be off by 2 * int div v dt
     lp0 = std_normal_log_prob(flow.flow_map(x1, 1.0, 0.0))
     wrong = lp0 - (lp - lp0)
-    assert float((wrong - ref).abs().min()) > 0.1
+    assert float((wrong - ref).abs().min()) > 1.0  # measured 3.1
 
 
 def test_float32_and_image_shape():
@@ -58,7 +58,7 @@ def test_float32_and_image_shape():
 
     lp = log_likelihood(img_model, x1, std_normal_log_prob, steps=20)
     assert lp.dtype == torch.float32 and lp.shape == (8,)
-    assert torch.allclose(lp, flow.log_prob(x1.reshape(8, 4), 1.0), atol=1e-3)
+    assert torch.allclose(lp, flow.log_prob(x1.reshape(8, 4), 1.0), atol=2e-5)  # measured 1e-6
 
 
 def test_nonlinear_flow_against_jacobian_determinant():
@@ -93,7 +93,9 @@ def test_hutchinson_is_unbiased(flow, probe):
     assert abs(float(est.mean() - exact[0])) < 3 * float(se)
     more = log_likelihood(flow, x1, std_normal_log_prob, steps=10, divergence="hutchinson", probe=probe,
                           n_probes=8, generator=torch.Generator().manual_seed(4))
-    assert float(more.std()) < float(est.std())  # more probes, less variance
+    # more probes, less variance: 8 probes cut the std by ~sqrt(8) (measured ratio 0.33-0.34)
+    assert float(more.std()) < 0.5 * float(est.std())
+    assert abs(float(more.mean() - exact[0])) < 3 * float(more.std()) / math.sqrt(more.numel())
 
 
 def test_divergence_helpers():

@@ -67,7 +67,7 @@ def test_tangent_ablation_changes_the_target(gen):
     tg = {k: meanflow_target(model, x, s, t, v, tangents=k)[1] for k in TANGENTS}
     scale = (tg["correct"] - v).norm()
     for wrong in ("no_time", "end_time"):
-        assert (tg[wrong] - tg["correct"]).norm() > 0.05 * scale
+        assert (tg[wrong] - tg["correct"]).norm() > 0.4 * scale  # measured 0.99 and 2.2
 
 
 # ------------------------------------------------------------------------------------ (b) s = t is plain CFM
@@ -133,7 +133,7 @@ def test_exact_average_velocity_is_the_fixed_point_of_the_meanflow_target(gen):
     # the ablated tangents do not give a fixed point
     for wrong in ("no_time", "end_time"):
         _, bad = meanflow_target(model, x, s, t, v, tangents=wrong)
-        assert (bad - u).abs().max() > 1e-2
+        assert (bad - u).abs().max() > 0.5  # measured 2.9 and 3.2
 
 
 def test_exact_flow_map_minimises_the_population_meanflow_loss(gen):
@@ -348,4 +348,6 @@ def test_meanflow_one_step_beats_cfm_euler_on_moons():
     with torch.no_grad():
         w_cfm = swd(x0 + cfm(x0, zeros))  # 1-step Euler
         w_mf = swd(x0 + mf(x0, zeros, ones))  # 1-NFE flow map
+    # measured 0.23 vs 1.21; the untrained flow map (x0 + u ~ x0) scores 0.96, x0 itself 0.59
     assert w_mf * 3 < w_cfm, (w_mf, w_cfm)
+    assert w_mf < 0.4, (w_mf, w_cfm)

@@ -162,9 +162,12 @@ def test_gaussian_flow_maps_noise_to_data(schedule, name):
     mean, cov = flow.marginal(t1)
     _check_moments(res.x, mean, cov)
     # pointwise against the exact flow map (much tighter than the moment check)
-    tol = {"euler": 2e-2, "midpoint": 2e-3, "heun": 2e-3, "rk4": 1e-4, "adaptive": 1e-4}[name]
-    if schedule == "vp":
-        tol *= 5
+    # measured max errors (linear / vp): euler 1.3e-2 / 4.8e-3, midpoint 1.0e-5 / 1.5e-3,
+    # heun 7.3e-4 / 6.9e-3, rk4 1.4e-6 / 4.4e-4, adaptive 3.5e-7 / 2.4e-7
+    tol = {
+        "linear": {"euler": 2e-2, "midpoint": 5e-5, "heun": 2e-3, "rk4": 5e-6, "adaptive": 2e-6},
+        "vp": {"euler": 1e-2, "midpoint": 4e-3, "heun": 1.5e-2, "rk4": 1e-3, "adaptive": 2e-6},
+    }[schedule][name]
     assert float((res.x - flow.flow_map(x0, 0.0, t1)).abs().max()) < tol
 
 
@@ -219,7 +222,7 @@ def test_euler_maruyama_reaches_target(eps):
     assert res.nfe == 200
     _check_moments(res.x, *flow.marginal(1.0))
     ode = flow.flow_map(x0, 0.0, 1.0)
-    assert float((res.x - ode).pow(2).sum(1).mean()) > 1e-2  # genuinely stochastic paths
+    assert float((res.x - ode).pow(2).sum(1).mean()) > 0.5  # genuinely stochastic paths (measured 1.4-1.5)
     again = solve(drift, x0, steps=200, stepper=EulerMaruyama(diffusion),
                   generator=torch.Generator().manual_seed(1))
     assert torch.equal(again.x, res.x)  # reproducible from the generator
@@ -227,12 +230,13 @@ def test_euler_maruyama_reaches_target(eps):
 
 def test_euler_maruyama_last_step_noise():
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    x0 = torch.zeros(500, 1, dtype=F64)
+    x0 = torch.zeros(4000, 1, dtype=F64)
     clean = solve(zero, x0, steps=1, stepper=EulerMaruyama(1.0), generator=torch.Generator().manual_seed(0))
     assert torch.equal(clean.x, x0)
     noisy = solve(zero, x0, steps=4, stepper=EulerMaruyama(1.0, noise_last=True),
                   generator=torch.Generator().manual_seed(0))
-    assert abs(float(noisy.x.var()) - 1.0) < 0.2  # 4 increments of variance 1/4
+    # 4 increments of variance 1/4 (measured 1.06; without the last-step noise: 0.79)
+    assert abs(float(noisy.x.var()) - 1.0) < 0.12
 
 
 # ----------------------------------------------------------------------------- loop bookkeeping

@@ -65,7 +65,7 @@ def test_loss_vanishes_at_the_exact_solution_and_not_elsewhere(gen):
             return flow.average_velocity(x, s, t) * (1 + 0.3 * (t - s)[:, None])
 
     bad = loss.loss_at(Scaled(), x0, x1, s, t, lam)
-    assert bad.diagnostics["mse_consistency"] > 1e-3
+    assert bad.diagnostics["mse_consistency"] > 4e-3  # measured 9.5e-3
     # without a teacher the boundary rows carry the conditional-velocity variance, the consistency rows do not
     plain = SplitMeanFlowLoss().loss_at(exact, x0, x1, s, t, lam)
     assert plain.diagnostics["mse_consistency"] < 1e-20 < plain.diagnostics["mse_boundary"]
@@ -187,4 +187,6 @@ def test_two_step_splitmeanflow_beats_two_step_cfm_euler_on_moons():
         w_cfm = swd(xe + 0.5 * cfm(xe, h))  # 2-step Euler
         xm = x0 + 0.5 * smf(x0, z, h)
         w_smf = swd(xm + 0.5 * smf(xm, h, o))  # 2-NFE flow map
+    # measured 0.13 vs 0.68; x0 itself (an untrained, zero-output flow map) scores 0.59
     assert w_smf * 3 < w_cfm, (w_smf, w_cfm)
+    assert w_smf < 0.25, (w_smf, w_cfm)
