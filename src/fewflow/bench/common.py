@@ -54,6 +54,8 @@ __all__ = [
     "TOY_SETS",
     "IMAGE_SETS",
     "atomic_write_json",
+    "run_datasets",
+    "write_outputs",
     "budget_steps",
     "count_step",
     "default_cache_dir",
@@ -592,3 +594,39 @@ def plot_quality_vs_nfe(panels: dict[str, dict[str, Any]], path: Path, title: st
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def write_outputs(
+    out: Path, stem: str, lines: list[str], cfg: Any, wall_s: float, claims: list[dict[str, Any]],
+    results: dict[str, Any], panels: dict[str, Any], title: str,
+) -> dict[str, Path]:
+    """Write ``<stem>.md`` (the report lines), ``<stem>.json`` (mode, seed, wall time, claims, NFE list,
+    results; atomically) and ``<stem>.png`` (quality vs NFE panels) into ``out``; return their paths."""
+    paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
+    paths["md"].write_text("\n".join(lines))
+    atomic_write_json(
+        paths["json"],
+        {"mode": cfg.mode, "seed": cfg.seed, "wall_s": wall_s, "claims": claims, "nfe": list(cfg.nfe),
+         "results": results},
+    )
+    if panels:
+        plot_quality_vs_nfe(panels, paths["png"], title)
+    return paths
+
+
+def run_datasets(
+    run_one: Any, cfg: Any, names: list[str], first: tuple[str, ...] = ("digits", "mnist")
+) -> dict[str, Any]:
+    """``{name: run_one((cfg, name))}`` for every data set, in ``cfg.workers`` spawned processes when
+    there are several (each single-threaded; the slow image sets in ``first`` start first so the pool
+    stays busy). ``run_one`` must be a module-level function (it is pickled)."""
+    if cfg.workers > 1 and len(names) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        order = sorted(names, key=lambda n: n not in first)
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as ex:
+            outs = list(ex.map(run_one, [(cfg, n) for n in order]))
+        got = {o["dataset"]: o for o in outs}
+        return {n: got[n] for n in names}
+    return {n: run_one((cfg, n)) for n in names}

@@ -43,7 +43,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,12 +69,13 @@ from fewflow.bench.common import (
     load_state,
     make_net,
     measure_samples,
-    plot_quality_vs_nfe,
     primary_metric,
     quality,
+    run_datasets,
     save_state,
     train_stages,
     train_teacher,
+    write_outputs,
 )
 
 __all__ = [
@@ -785,22 +785,8 @@ def write_report(cfg: FewstepConfig, results: dict[str, dict[str, Any]], wall_s:
                 "two-sample floor": fl[met],
             },
         }
-    paths = {"md": out / "fewstep.md", "json": out / "fewstep.json", "png": out / "fewstep.png"}
-    paths["md"].write_text("\n".join(lines))
-    atomic_write_json(
-        paths["json"],
-        {
-            "mode": cfg.mode,
-            "seed": cfg.seed,
-            "wall_s": wall_s,
-            "claims": claims,
-            "nfe": list(cfg.nfe),
-            "results": results,
-        },
-    )
-    if panels:
-        plot_quality_vs_nfe(panels, paths["png"], "few-step methods: quality vs NFE")
-    return paths
+    title = "few-step methods: quality vs NFE"
+    return write_outputs(out, "fewstep", lines, cfg, wall_s, claims, results, panels, title)
 
 
 def _run_one(args: tuple[FewstepConfig, str]) -> dict[str, Any]:
@@ -815,17 +801,7 @@ def run(cfg: FewstepConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     assert cfg.datasets is not None
     names = list(cfg.datasets)
-    if cfg.workers > 1 and len(names) > 1:
-        import multiprocessing as mp
-
-        # the slowest data set (images) first so that the pool stays busy
-        names_sorted = sorted(names, key=lambda n: n not in ("digits", "mnist"))
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as ex:
-            outs = list(ex.map(_run_one, [(cfg, n) for n in names_sorted]))
-        res = {o["dataset"]: o for o in outs}
-        results = {n: res[n] for n in names}
-    else:
-        results = {n: run_dataset(cfg, n) for n in names}
+    results = run_datasets(_run_one, cfg, names)
     wall = time.perf_counter() - t0
     paths = write_report(cfg, results, wall) if cfg.out_dir is not None else {}
     return {"results": results, "claims": check_claims(results), "paths": paths, "wall_s": wall}

@@ -35,7 +35,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,11 @@ from fewflow.bench.common import (
     format_table,
     json_key,
     measure_samples,
-    plot_quality_vs_nfe,
     primary_metric,
     quality,
+    run_datasets,
     train_stages,
+    write_outputs,
 )
 from fewflow.bench.fewstep import RESULTS, FewstepConfig, bench_data, teacher_for
 
@@ -666,22 +666,8 @@ def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s
             ks = sorted(int(k) for k in br["metrics"])
             curves["boss refined/euler"] = (ks, [br["metrics"][str(k)][met] for k in ks])
         panels[name] = {"metric": pretty, "curves": curves, "hlines": {}}
-    paths = {"md": out / "samplers.md", "json": out / "samplers.json", "png": out / "samplers.png"}
-    paths["md"].write_text("\n".join(lines))
-    atomic_write_json(
-        paths["json"],
-        {
-            "mode": cfg.mode,
-            "seed": cfg.seed,
-            "wall_s": wall_s,
-            "claims": claims,
-            "nfe": list(cfg.nfe),
-            "results": results,
-        },
-    )
-    if panels:
-        plot_quality_vs_nfe(panels, paths["png"], "samplers on the CFM teachers: quality vs NFE")
-    return paths
+    title = "samplers on the CFM teachers: quality vs NFE"
+    return write_outputs(out, "samplers", lines, cfg, wall_s, claims, results, panels, title)
 
 
 def _run_one(args: tuple[SamplersConfig, str]) -> dict[str, Any]:
@@ -695,15 +681,7 @@ def run(cfg: SamplersConfig) -> dict[str, Any]:
     when ``cfg.out_dir`` is set. Returns ``{"results", "claims", "paths", "wall_s"}``."""
     t0 = time.perf_counter()
     names = list(cfg.datasets or ())
-    if cfg.workers > 1 and len(names) > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as ex:
-            outs = list(ex.map(_run_one, [(cfg, n) for n in sorted(names, key=lambda n: n != "digits")]))
-        got = {o["dataset"]: o for o in outs}
-        results = {n: got[n] for n in names}
-    else:
-        results = {n: run_dataset(cfg, n) for n in names}
+    results = run_datasets(_run_one, cfg, names)
     wall = time.perf_counter() - t0
     paths = write_report(cfg, results, wall) if cfg.out_dir is not None else {}
     return {"results": results, "claims": check_sampler_claims(results), "paths": paths, "wall_s": wall}
