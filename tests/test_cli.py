@@ -100,6 +100,25 @@ def test_sample_with_issue5_samplers(run_dir, tmp_path):
     assert np.load(out).shape == (40, 2)
 
 
+def test_norm_aligned_source_scale_travels_with_the_run(tmp_path):
+    """`--source norm_aligned`: the scale fitted on the data at training time is stored in the run's meta
+    and used at sampling, so sampling needs no data and matches the training source."""
+    from fewflow.data import load_dataset
+    from fewflow.run import build_source, load_run
+    from fewflow.sources import gaussian_mean_norm
+
+    out = tmp_path / "na"
+    r = invoke(["train", "--data", "moons", "--source", "norm_aligned", "--steps", "10", "--out", str(out),
+                *TINY])
+    assert r.exit_code == 0, r.output + r.stderr
+    _, cfg = load_run(out)
+    x = load_dataset("moons", n=2000, seed=cfg.data.seed).x
+    want = float(x.norm(dim=1).mean()) / gaussian_mean_norm(2)
+    assert cfg.meta["source_scale"] == pytest.approx(want, rel=1e-6)
+    src = build_source(cfg)
+    assert src.scale == pytest.approx(want, rel=1e-6)
+
+
 def test_sample_formats(run_dir, tmp_path):
     r = invoke(
         [

@@ -547,7 +547,7 @@ def build_source(cfg: RunConfig, data: Any | None = None) -> Any:
     """The source distribution x0, or ``None`` for the standard Gaussian N(0, I) (what every objective
     and :func:`generate` use by default). ``gaussian`` with ``scale``: ``GaussianSource(shape, scale)``;
     ``norm_aligned``: ``NormAlignedGaussian.fit(data.x)`` (Gaussian scaled so that its mean norm
-    matches the data's)."""
+    matches the data's); a trained run reuses the scale stored in ``meta["source_scale"]``."""
     name, kw = cfg.objective.source, dict(cfg.objective.source_kwargs)
     if name == "gaussian" and not kw:
         return None
@@ -558,6 +558,9 @@ def build_source(cfg: RunConfig, data: Any | None = None) -> Any:
             lambda **k: GaussianSource(tuple(_meta(cfg, data)["shape"]), **k), kw, "source 'gaussian'"
         )
     if name == "norm_aligned":
+        scale = cfg.meta.get("source_scale") if data is None else None
+        if scale is not None:  # a trained run: the scale fitted at training time, no data needed
+            return NormAlignedGaussian(tuple(cfg.meta["shape"]), scale=float(scale))
         if data is None:
             data = build_data(cfg)
         return NormAlignedGaussian.fit(data.x)
@@ -1001,6 +1004,8 @@ def train_run(
         raise FewflowError(f"data shape {meta['shape']} differs from the run's {cfg.meta.get('shape')}")
     cfg = RunConfig.from_dict(cfg.to_dict())  # a private copy
     cfg.meta = meta
+    if cfg.objective.source == "norm_aligned":  # the fitted scale travels with the run folder
+        meta["source_scale"] = float(build_source(cfg, data).scale)
     cfg.model = resolve_model_config(cfg, data)
     from fewflow.models import build_model
 
