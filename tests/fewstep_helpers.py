@@ -31,3 +31,15 @@ class FixedTime:
 
     def sample(self, n, *, device=None, dtype=None, generator=None):
         return self.t.to(device=device, dtype=dtype)
+
+
+def train_on(model, objective, data: torch.Tensor, steps: int, lr: float = 2e-3, batch: int = 256):
+    """Adam on seeded minibatches of ``data`` with ``objective(model, x1, generator=g)``; returns model."""
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        out = objective(model, data[torch.randint(0, data.shape[0], (batch,), generator=g)], generator=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model

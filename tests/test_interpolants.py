@@ -280,6 +280,24 @@ def test_closed_form_minimises_losses(name):
         assert abs(grad_c(InterpolantVelocityLoss, "b", wrong=True)) > 0.1
 
 
+def _train_fields(si: StochasticInterpolant, gmm: GMM, seed: int, steps: int = 1500) -> dict:
+    """Train the velocity ``b`` and the denoiser ``eta`` (TimeMLPs, float64) by the interpolant losses."""
+    g = torch.Generator().manual_seed(seed)
+    fields = {}
+    for name, loss_fn in [("b", InterpolantVelocityLoss(si)), ("eta", InterpolantScoreLoss(si))]:
+        model = TimeMLP().double()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            out = loss_fn(model, gmm.sample(256, g), generator=g)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            sched.step()
+        fields[name] = model
+    return fields
+
+
 @pytest.mark.slow
 def test_learned_drift_and_denoiser_match_closed_form():
     """Train b and eta_z on a 2-D Gaussian mixture (x0 ~ N(0, I), linear interpolant with
@@ -287,19 +305,7 @@ def test_learned_drift_and_denoiser_match_closed_form():
     torch.manual_seed(0)
     si = StochasticInterpolant.linear()
     gmm = GMM([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]], [[[0.1, 0.0], [0.0, 0.1]]] * 3, [0.4, 0.3, 0.3])
-    g = torch.Generator().manual_seed(0)
-    results = {}
-    for name, loss_fn in [("b", InterpolantVelocityLoss(si)), ("eta", InterpolantScoreLoss(si))]:
-        model = TimeMLP().double()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1500)
-        for _ in range(1500):
-            out = loss_fn(model, gmm.sample(256, g), generator=g)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            sched.step()
-        results[name] = model
+    results = _train_fields(si, gmm, seed=0)
 
     ge = torch.Generator().manual_seed(5)
     n = 4000
@@ -333,19 +339,7 @@ def test_sde_sampler_with_learned_fields_reaches_the_ode_distribution():
     torch.manual_seed(1)
     si = StochasticInterpolant.linear()
     gmm = GMM([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]], [[[0.1, 0.0], [0.0, 0.1]]] * 3, [0.4, 0.3, 0.3])
-    g = torch.Generator().manual_seed(1)
-    fields = {}
-    for name, loss_fn in [("b", InterpolantVelocityLoss(si)), ("eta", InterpolantScoreLoss(si))]:
-        model = TimeMLP().double()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1500)
-        for _ in range(1500):
-            out = loss_fn(model, gmm.sample(256, g), generator=g)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            sched.step()
-        fields[name] = model.eval()
+    fields = {k: m.eval() for k, m in _train_fields(si, gmm, seed=1).items()}
 
     a = 1.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fewstep_helpers import train_on
 from torch import nn
 
 from fewflow import FewflowError
@@ -326,14 +327,7 @@ def test_meanflow_one_step_beats_cfm_euler_on_moons():
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
 
     def train(model, objective, steps=600):
-        g = torch.Generator().manual_seed(0)
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        for _ in range(steps):
-            out = objective(model, data[torch.randint(0, data.shape[0], (256,), generator=g)], generator=g)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-        return model
+        return train_on(model, objective, data, steps)
 
     def swd(a):
         return sliced_wasserstein(a, test, generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fewstep_helpers import gaussian_flow
+from fewstep_helpers import gaussian_flow, train_on
 
 from fewflow import FewflowError
 from fewflow.models import MLP
@@ -164,14 +164,7 @@ def test_two_step_splitmeanflow_beats_two_step_cfm_euler_on_moons():
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
 
     def train(model, objective, steps=500):
-        g = torch.Generator().manual_seed(0)
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        for _ in range(steps):
-            out = objective(model, data[torch.randint(0, data.shape[0], (256,), generator=g)], generator=g)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-        return model
+        return train_on(model, objective, data, steps)
 
     def swd(a):
         return sliced_wasserstein(a, test, generator=torch.Generator().manual_seed(1))

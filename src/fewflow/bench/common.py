@@ -53,6 +53,7 @@ __all__ = [
     "Stage",
     "TOY_SETS",
     "IMAGE_SETS",
+    "add_common_args",
     "atomic_write_json",
     "run_datasets",
     "write_outputs",
@@ -82,6 +83,7 @@ JVP = 3.0
 TOY_SETS = ("checkerboard", "moons")
 IMAGE_SETS = ("digits", "mnist")
 ROOT = Path(__file__).resolve().parents[3]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def default_cache_dir() -> Path:
@@ -630,3 +632,17 @@ def run_datasets(
         got = {o["dataset"]: o for o in outs}
         return {n: got[n] for n in names}
     return {n: run_one((cfg, n)) for n in names}
+
+
+def add_common_args(ap: Any, stem: str, datasets: str) -> None:
+    """The options both benchmark scripts share: mode, data sets, workers, seed, cache, output, quiet."""
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI mode (default)")
+    g.add_argument("--full", action="store_const", dest="mode", const="full", help="the committed tables")
+    g.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny (tests)")
+    ap.add_argument("--datasets", default=None, help=f"comma-separated: {datasets}")
+    ap.add_argument("--workers", type=int, default=1, help="data sets in parallel processes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default benchmarks/.cache)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"folder for {stem}.{{md,json,png}}")
+    ap.add_argument("--quiet", action="store_true")

@@ -53,12 +53,13 @@ from fewflow._validate import FewflowError, unknown_name
 from fewflow.bench.common import (
     BWD,
     FWD,
-    ROOT,
+    RESULTS,
     BenchData,
     Counted,
     Ledger,
     NetSpec,
     Stage,
+    add_common_args,
     atomic_write_json,
     default_cache_dir,
     floor_metrics,
@@ -90,7 +91,6 @@ __all__ = [
     "check_claims",
 ]
 
-RESULTS = ROOT / "benchmarks" / "results"
 VD_WEIGHT = 0.1  # MDT-dist's VD weight here (the paper: 1.0, which diverged at toy scale; see _mdt)
 
 
@@ -809,18 +809,9 @@ def run(cfg: FewstepConfig) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fewflow bench fewstep", description=__doc__.splitlines()[0])
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI mode (default)")
-    g.add_argument("--full", action="store_const", dest="mode", const="full", help="the committed tables")
-    g.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny (tests)")
+    add_common_args(ap, "fewstep", "checkerboard,moons,digits,mnist")
     ap.add_argument("--only", default=None, help="comma-separated methods (ablations allowed)")
-    ap.add_argument("--datasets", default=None, help="comma-separated: checkerboard,moons,digits,mnist")
     ap.add_argument("--ablations", action="store_true", help="also run the MeanFlow ablations")
-    ap.add_argument("--workers", type=int, default=1, help="data sets in parallel processes")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default benchmarks/.cache)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for fewstep.{md,json,png}")
-    ap.add_argument("--quiet", action="store_true")
     return ap
 
 

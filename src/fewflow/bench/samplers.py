@@ -47,6 +47,7 @@ from fewflow.bench.common import (
     Counted,
     Ledger,
     Stage,
+    add_common_args,
     atomic_write_json,
     default_cache_dir,
     format_table,
@@ -689,16 +690,7 @@ def run(cfg: SamplersConfig) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fewflow bench samplers", description=__doc__.splitlines()[0])
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI mode (default)")
-    g.add_argument("--full", action="store_const", dest="mode", const="full", help="the committed tables")
-    g.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny (tests)")
-    ap.add_argument("--datasets", default=None, help="comma-separated: checkerboard,moons,digits")
-    ap.add_argument("--workers", type=int, default=1, help="data sets in parallel processes")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default benchmarks/.cache)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for samplers.{md,json,png}")
-    ap.add_argument("--quiet", action="store_true")
+    add_common_args(ap, "samplers", "checkerboard,moons,digits")
     return ap
 
 
