@@ -102,6 +102,81 @@ def test_vd_vanishes_at_the_exact_transport(gen):
     assert float(diff.abs().max()) < 0.02  # O(delta) finite-difference bias only
 
 
+class _ShiftTeacher:
+    """A conditional teacher v(x, t, y) = shift[y] (null label K = 3); records its input batches."""
+
+    def __init__(self):
+        self.shift = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, t, y=None):
+        self.seen.append((x.clone(), t.clone()))
+        if y is None:
+            return torch.zeros_like(x)
+        return self.shift[y].expand_as(x).clone()
+
+
+def _zero_student(x, s, t, y=None):
+    return torch.zeros_like(x)
+
+
+_zero_student.is_flow_map = True
+
+
+def test_vm_and_vd_have_their_own_teacher_guidance(gen):
+    """The code guides the teacher with cfg_teacher_vm = 40 and cfg_teacher_vd = 100 in TRELLIS' form
+    (1 + w) v_c - w v_u, i.e. CFG scales 41 and 101 (v_u + w (v_c - v_u)): the defaults."""
+    teacher = _ShiftTeacher()
+    loss = MDTDistLoss(teacher, num_classes=3)
+    assert (loss.guidance_vm, loss.guidance_vd) == (41.0, 101.0)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    s = torch.full((6,), 0.3, dtype=torch.float64)
+    sh = teacher.shift
+
+    def guided(w):
+        return sh[3] + w * (sh[y] - sh[3])
+
+    # with a zero student the derivative term vanishes: the VM target is the guided teacher velocity
+    per, _ = loss.vm_loss(_zero_student, x, x, s, y=y)
+    torch.testing.assert_close(per, guided(41.0).pow(2).mean(1))
+    _, diff, _ = loss.vd_loss(_zero_student, x, s, x, y=y)
+    torch.testing.assert_close(diff, -guided(101.0))
+    # one batched teacher forward of 2B rows ([y, null]) per guided target
+    assert [xx.shape[0] for xx, _ in teacher.seen] == [12, 12]
+    # separate settings; None (or 1) is the plain conditional teacher
+    plain = MDTDistLoss(teacher, num_classes=3, guidance_vm=None, guidance_vd=2.0)
+    per, _ = plain.vm_loss(_zero_student, x, x, s, y=y)
+    torch.testing.assert_close(per, sh[y].pow(2).mean(1))
+    _, diff, _ = plain.vd_loss(_zero_student, x, s, x, y=y)
+    torch.testing.assert_close(diff, -guided(2.0))
+    # labels without a null class cannot be guided
+    with pytest.raises(FewflowError, match="num_classes"):
+        MDTDistLoss(teacher)(_zero_student, x, generator=gen, y=y)
+    with pytest.raises(FewflowError, match="guidance_vd"):
+        MDTDistLoss(teacher, guidance_vd=-1.0)
+
+
+def test_vd_renoises_the_fakes_with_the_vm_noise_and_time(gen):
+    """As in the code (get_v_pred_tgt(x_fake, noise, t) with VM's noise and t): VD's re-noising noise and
+    time are the VM term's x0 and s; the generator input z is separate noise."""
+
+    def collapse(x, s, t, y=None):  # u(z, 0, 1) = -z: every one-step fake is x_fake = 0
+        return -x
+
+    collapse.is_flow_map = True
+    flow = gaussian_flow()
+    x1 = flow.sample(64, generator=gen)
+    for mode in ("shared", "independent"):
+        teacher = _ShiftTeacher()
+        MDTDistLoss(teacher, vd_noise=mode)(collapse, x1, generator=torch.Generator().manual_seed(4))
+        (x_vm, s_vm), (x_vd, s_vd) = teacher.seen  # VM target, then VD target
+        # x_vm = s x1 + (1 - s) x0 and x_vd = s' 0 + (1 - s') eps
+        same = torch.allclose(s_vd, s_vm) and torch.allclose(x_vd, x_vm - s_vm[:, None] * x1)
+        assert same == (mode == "shared"), mode
+        assert float((s_vd - s_vm).abs().max()) > 0.1 or mode == "shared"
+
+
 def test_vm_loss_and_full_call(gen):
     flow = gaussian_flow()
     model = flow_map_mlp()
@@ -143,6 +218,8 @@ def test_bad_inputs_raise(gen):
         )
     with pytest.raises(FewflowError, match="flow-map"):
         MDTDistLoss(flow)(MLP(3, hidden=8, depth=1), torch.randn(4, 3))
+    with pytest.raises(FewflowError, match="vd_noise"):
+        MDTDistLoss(flow, vd_noise="fresh")
 
 
 @pytest.mark.slow

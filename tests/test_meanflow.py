@@ -191,7 +191,9 @@ def test_training_time_cfg_velocity(gen):
     torch.testing.assert_close(vt[use], expected[use])
     torch.testing.assert_close(vt[~use], v[~use])
     # omega = 1, kappa = 0 is no guidance
-    same = MeanFlowLoss(omega=1.0, kappa=0.0, num_classes=4).guided_velocity(model, x, s, v, {"y": y}, None)
+    same = MeanFlowLoss(omega=1.0, kappa=0.0, num_classes=4, label_dropout=0.1).guided_velocity(
+        model, x, s, v, {"y": y}, None
+    )
     torch.testing.assert_close(same, v)
 
 
@@ -303,6 +305,19 @@ def test_bad_inputs_raise_fewflow_error(gen):
         MeanFlowLoss(tangents="sideways")
     with pytest.raises(FewflowError, match="num_classes"):
         MeanFlowLoss(omega=2.0)
+
+
+def test_training_time_cfg_refuses_zero_label_dropout():
+    """With omega set the target mixes in u(x, s, s | null), which only rows with a dropped label train:
+    label_dropout = 0 would fold an untrained branch into every guided target."""
+    for omega, kappa in ((2.0, 0.0), (1.0, 0.5), (1.0, 0.0)):
+        with pytest.raises(FewflowError, match="label_dropout=0.0 trains no unconditional branch"):
+            MeanFlowLoss(omega=omega, kappa=kappa, num_classes=4)
+    with pytest.raises(FewflowError) as err:
+        MeanFlowLoss(omega=2.0, num_classes=4, label_dropout=0.0)
+    assert "label_dropout" in str(err.value) and "omega" in str(err.value)
+    MeanFlowLoss(omega=2.0, num_classes=4, label_dropout=0.1)  # the paper's setting is accepted
+    MeanFlowLoss(num_classes=4)  # no training-time guidance: no dropout needed
     velocity_model = MLP(3, hidden=16, depth=1)
     with pytest.raises(FewflowError, match="flow-map"):
         MeanFlowLoss()(velocity_model, torch.randn(4, 3))

@@ -146,6 +146,33 @@ def test_mfd_sample_times_ratio_and_shift(gen):
     assert float(s2.mean()) < 0.2 and float(t2.mean()) < 0.45
 
 
+class _FixedPairs:
+    """A TimePairSampler stub returning fixed sorted pairs (s, t)."""
+
+    def __init__(self, s, t):
+        self.s, self.t = torch.tensor(s), torch.tensor(t)
+
+    def sample(self, n, *, device=None, dtype=None, generator=None):
+        return self.s.to(device=device, dtype=dtype), self.t.to(device=device, dtype=dtype)
+
+
+def test_mfd_boundary_rows_sit_at_the_start_time(gen):
+    """The code sorts r < t (noise at t = 1) and sets r = t: boundary rows take its noise-side time, which
+    is fewflow's start s (the smaller draw), not the end t."""
+    x1 = torch.randn(4, 2, generator=gen)
+    sampler = _FixedPairs([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8])
+    s, t = MeanFlowDistillationLoss(teacher=lambda x, t: x, time_sampler=sampler).sample_times(4, x1, gen)
+    torch.testing.assert_close(s, torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    torch.testing.assert_close(t, torch.tensor([0.5, 0.2, 0.3, 0.4]))  # row 0 keeps s < t (ratio 1/4)
+    # with two uniform draws the boundary time is their minimum: mean 1/3 (the end would give 2/3)
+    x1 = torch.randn(40000, 2, generator=gen)
+    s, t = MeanFlowBootstrapLoss().sample_times(40000, x1, gen)
+    b = s == t
+    assert int((~b).sum()) == 10000
+    assert float(s[b].mean()) == pytest.approx(1 / 3, abs=0.01)
+    assert float(t[~b].mean()) == pytest.approx(2 / 3, abs=0.01)
+
+
 def test_init_from_teacher_reproduces_teacher_velocity(gen):
     teacher = MLP(3, hidden=16, depth=2, time_features="fourier", num_frequencies=3)
     student = MLP(3, hidden=16, depth=2, time_features="fourier", num_frequencies=3, flow_map=True)

@@ -108,3 +108,57 @@ def test_plot_ratio_history(tmp_path, gen):
     assert path.is_file() and path.stat().st_size > 1000
     with pytest.raises(FewflowError, match="empty"):
         plot_ratio_history([], tmp_path / "none.png")
+
+
+class GaussianClasses:
+    """Exact class-conditional velocities of the linear path x_t = t x1 + (1 - t) x0, x0 ~ N(0, I), for
+    classes x1 | y=k ~ N(mu_k, sigma^2 I) with equal weights; the null label K gives the mixture velocity.
+
+    Per class: x_t | k ~ N(t mu_k, s_t^2 I), s_t^2 = t^2 sigma^2 + (1 - t)^2, and
+    v_k(x, t) = E[x1 - x0 | x_t = x, k] = mu_k + (t sigma^2 - (1 - t)) / s_t^2 (x - t mu_k);
+    v_u = sum_k w_k v_k with posterior weights w_k ~ N(x; t mu_k, s_t^2 I).
+    """
+
+    def __init__(self, mu: torch.Tensor, sigma: float) -> None:
+        self.mu, self.sigma, self.k = mu, sigma, mu.shape[0]
+
+    def __call__(self, x, t, y):
+        t = t[:, None]
+        s2 = t**2 * self.sigma**2 + (1 - t) ** 2
+        r = x[:, None, :] - t[:, None] * self.mu[None]
+        v = self.mu[None] + ((t * self.sigma**2 - (1 - t)) / s2)[:, None] * r  # (B, K, d)
+        w = torch.softmax(-(r**2).sum(-1) / (2 * s2), dim=1)
+        v_u = (w[..., None] * v).sum(1)
+        v_c = v[torch.arange(x.shape[0]), y.clamp_max(self.k - 1)]
+        return torch.where((y == self.k)[:, None], v_u, v_c)
+
+
+def test_default_ratio_is_squared_and_spikes_at_the_first_step(gen):
+    """The paper's RATIO ||v_c - v_u||^2 / ||v_u||^2 (default). At t = 0 the state is pure noise x0 and the
+    exact velocities are v_c = mu_y - x0, v_u = mu_bar - x0, so RATIO_0 = ||mu_y - mu_bar||^2 /
+    ||mu_bar - x0||^2 per sample; once the class posterior sharpens v_c ~ v_u and the ratio collapses."""
+    d, n = 8, 2000
+    mu = torch.zeros(3, d, dtype=torch.float64)
+    mu[0, 0] = mu[1, 1] = mu[2, 2] = 6.0  # ||mu_y - mu_bar||^2 = 24, ||mu_bar||^2 = 12
+    model = GaussianClasses(mu, sigma=0.3)
+    x0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    raag = RAAG(model, w_max=4.0, alpha=2.0, num_classes=3, record=True)
+    assert raag.squared  # the paper's form is the default
+    solve(raag, x0, steps=4, cond={"y": y})
+    first = raag.ratio_history[0]
+    mu_bar = mu.mean(0)
+    expected = ((mu[y] - mu_bar) ** 2).sum(1) / ((mu_bar - x0) ** 2).sum(1)
+    torch.testing.assert_close(first.ratio.double(), expected, rtol=1e-9, atol=0)
+    torch.testing.assert_close(first.scale.double(), 1 + 3 * torch.exp(-2 * expected), rtol=1e-9, atol=0)
+    # the spike: median ratio 1.25 at t = 0 (24 over a noncentral chi^2_8(12) of mean 20), then < 0.05
+    med = [float(r.ratio.median()) for r in raag.ratio_history]
+    assert 1.1 < med[0] < 1.4, med
+    assert all(m < 0.05 * med[0] for m in med[1:]), med
+    # so guidance is damped at the first step only: median scale ~1.25 there, ~w_max = 4 afterwards
+    scales = [float(r.scale.median()) for r in raag.ratio_history]
+    assert scales[0] < 1.5 and all(s > 3.5 for s in scales[1:]), scales
+    # the unsquared option is the square root of the same quantity
+    raw = RAAG(model, w_max=4.0, alpha=2.0, num_classes=3, squared=False, record=True)
+    raw(x0, torch.zeros(n, dtype=torch.float64), y=y)
+    torch.testing.assert_close(raw.ratio_history[0].ratio.double(), expected.sqrt(), rtol=1e-9, atol=0)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,3 +82,48 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
 def unknown_name(kind: str, name: str, choices) -> FewflowError:
     """The error for an unknown registry name, listing the valid choices."""
     return FewflowError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(choices))}")
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+def parse_value(text: Any) -> Any:
+    """A ``--set`` / YAML value: numbers (``3e-4`` included), booleans, null, lists, else the string."""
+    if not isinstance(text, str):
+        return text
+    s = text.strip()
+    if _FLOAT_RE.match(s):
+        return float(s)
+    import yaml
+
+    try:
+        v = yaml.safe_load(s)
+    except yaml.YAMLError:
+        return s
+    return numbers_in(v)
+
+
+def numbers_in(v: Any) -> Any:
+    """Scientific-notation strings inside parsed YAML become floats (YAML 1.1 leaves ``3e-4`` a string)."""
+    if isinstance(v, str) and _FLOAT_RE.match(v.strip()):
+        return float(v)
+    if isinstance(v, list):
+        return [numbers_in(u) for u in v]
+    if isinstance(v, dict):
+        return {k: numbers_in(u) for k, u in v.items()}
+    return v
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The valid name closest to a misspelt one (``difflib``), or ``None``."""
+    hits = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return hits[0] if hits else None
+
+
+def unknown_key(key: str, section: str, valid: Iterable[str]) -> FewflowError:
+    """The error for an unknown config key: names the closest valid key and lists them all."""
+    valid = sorted(valid)
+    hint = closest(key, valid)
+    where = f" in section {section!r}" if section else ""
+    did = f"; did you mean {hint!r}?" if hint else ""
+    return FewflowError(f"unknown key {key!r}{where}{did} (valid: {', '.join(valid)})")

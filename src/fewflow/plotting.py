@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from fewflow._io import atomic_path  # noqa: E402
 from fewflow._validate import FewflowError  # noqa: E402
 
 __all__ = [
@@ -48,9 +49,13 @@ def _check_2d(x: np.ndarray, name: str) -> None:
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    # the temp name has no extension: name the format (the extension's, else matplotlib's default)
+    fmt = path.suffix[1:] or plt.rcParams["savefig.format"]
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError, check_finite
 
-__all__ = ["Source", "GaussianSource", "NormAlignedGaussian", "DataSource", "gaussian_mean_norm"]
+__all__ = ["SOURCES", "Source", "GaussianSource", "NormAlignedGaussian", "DataSource", "gaussian_mean_norm"]
 
 
 @runtime_checkable
@@ -274,3 +274,7 @@ class DataSource:
 
     def __repr__(self) -> str:
         return f"DataSource(n={len(self)}, shape={self.shape})"
+
+
+#: sources by name (``objective.source`` of a run config); ``norm_aligned`` is fitted to the data
+SOURCES = ("gaussian", "norm_aligned")

@@ -2,8 +2,7 @@
 
 The demo is a list of :class:`Stage` objects run in order; each reads and extends a shared
 :class:`DemoContext` (its ``results`` end up in ``metrics.json`` and its ``sections`` in ``report.md``).
-Later work adds stages (e.g. a few-step distillation of the trained model) with
-:func:`register_stage`, without touching the ones here.
+A new stage is added with :func:`register_stage`, without touching the ones here.
 
 Stage 1 trains conditional flow matching (Lipman et al., "Flow Matching for Generative Modeling") on the
 checkerboard; stage 2 samples it with Euler and Heun at NFE 1, 2, 4, 8, 100 and compares sliced-W2 with
@@ -86,7 +85,8 @@ def register_stage(stage: Stage, *, after: str | None = None) -> Stage:
 
 
 def _train_checkerboard(ctx: DemoContext) -> None:
-    from fewflow.run import default_config, train_run
+    from fewflow.config import default_config
+    from fewflow.runs import train_run
 
     s = ctx.settings
     cfg = default_config("checkerboard").replace(
@@ -122,9 +122,10 @@ def _train_checkerboard(ctx: DemoContext) -> None:
 def _eval_checkerboard(ctx: DemoContext) -> None:
     import torch
 
-    from fewflow.cli.evaluate import evaluate_run, format_table
+    from fewflow.evaluate import evaluate_run, format_table
     from fewflow.plotting import plot_metric_vs_nfe, plot_scatter_panels, plot_trajectories
-    from fewflow.run import build_data, generate, load_run
+    from fewflow.runs import build_data, load_run
+    from fewflow.sampling import generate
 
     run_dir = ctx.runs["checkerboard"]
     model, cfg = load_run(run_dir)
@@ -202,45 +203,28 @@ def _reflow_checkerboard(ctx: DemoContext) -> None:
     """Few-step stage: one reflow (Liu et al., "Flow Straight and Fast", 2022). The teacher's ODE maps
     stored noise x0 to x1 = teacher(x0); a student initialised from the teacher is retrained with the CFM
     loss on those fixed pairs, which straightens its paths so that 1-2 Euler steps suffice."""
-    import copy
-
-    import torch
-
-    from fewflow.cli.evaluate import evaluate_run
-    from fewflow.couplings import ReflowPairs, generate_reflow_pairs
-    from fewflow.objectives import CFMLoss
-    from fewflow.paths import AffinePath, LinearSchedule
+    from fewflow.config import default_config
+    from fewflow.evaluate import evaluate_run
     from fewflow.plotting import plot_scatter_panels
-    from fewflow.run import build_data, load_run
-    from fewflow.sources import GaussianSource
-    from fewflow.train import TrainConfig, Trainer
+    from fewflow.runs import build_data, load_run, train_run
 
     s = ctx.settings
-    teacher, cfg = load_run(ctx.runs["checkerboard"])
-    teacher.eval()
-    pairs_dir = ctx.out / "runs" / "checkerboard-reflow-pairs"
-    t0 = time.perf_counter()
-    generate_reflow_pairs(
-        teacher, GaussianSource((2,)), s["reflow_pairs"], pairs_dir, steps=50, stepper="heun",
-        batch_size=8192, shard_size=16384, seed=1,
-    )
-    t_pairs = time.perf_counter() - t0
-    student = copy.deepcopy(teacher).train()
-    pairs = ReflowPairs(pairs_dir, batch_size=s["batch_size"], as_dict=True,
-                        generator=torch.Generator().manual_seed(0))
-    tc = TrainConfig(steps=s["reflow_steps"], batch_size=s["batch_size"], lr=s["lr"] / 2, schedule="cosine",
-                     warmup=0, ckpt_every=0, log_every=max(1, s["reflow_steps"] // 10), device="cpu",
-                     ema_decay=0.999, seed=1)
     run_dir = ctx.out / "runs" / "checkerboard-reflow"
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    t1 = time.perf_counter()
-    trainer = Trainer(student, CFMLoss(AffinePath(LinearSchedule())), pairs, tc, out_dir=run_dir)
-    trainer.fit()
-    t_train = time.perf_counter() - t1
-    model = trainer.ema_model.eval()
+    rcfg = default_config("checkerboard", method="reflow").replace({
+        "teacher": str(ctx.runs["checkerboard"]), "seed": 1,
+        "method.n_pairs": s["reflow_pairs"], "method.pair_steps": 50,
+        "train.steps": s["reflow_steps"], "train.batch_size": s["batch_size"], "train.lr": s["lr"] / 2,
+        "train.schedule": "cosine", "train.ckpt_every": 0, "train.device": "cpu", "train.seed": 1,
+        "train.log_every": max(1, s["reflow_steps"] // 10), "train.progress": False,
+    })
+    t0 = time.perf_counter()
+    train_run(rcfg, run_dir, figures=False)
+    t_all = time.perf_counter() - t0
+    model, cfg = load_run(run_dir)
     samples: dict[tuple[str, int], Any] = {}
     rep = evaluate_run(model, cfg, FEWSTEP_NFES, ("euler",), n=s["n_eval"], seed=0, log=ctx.log,
                        samples=samples)
@@ -259,8 +243,7 @@ def _reflow_checkerboard(ctx: DemoContext) -> None:
         rows.append(f"| {nfe} | {a:.4f} | {b:.4f} | {b / floor:.2f} |")
     rows.append(f"| 100 | {sw2(teacher_rep, 100):.4f} | | {sw2(teacher_rep, 100) / floor:.2f} |")
     ctx.results["checkerboard_reflow"] = {
-        **rep, "pairs": s["reflow_pairs"], "steps": s["reflow_steps"], "pair_seconds": t_pairs,
-        "train_seconds": t_train,
+        **rep, "pairs": s["reflow_pairs"], "steps": s["reflow_steps"], "seconds": t_all,
     }
     ref = build_data(cfg, n=3000, seed=123).x
     teacher_samples = ctx.results.get("_checkerboard_samples", {})
@@ -276,8 +259,9 @@ def _reflow_checkerboard(ctx: DemoContext) -> None:
     best = min(sw2(rep, 1), sw2(rep, 2))
     ctx.sections.append(
         "## Few-step: one reflow of the checkerboard teacher\n\n"
-        f"{s['reflow_pairs']} pairs (x0, teacher(x0)) from 50 Heun steps ({t_pairs:.0f} s), then "
-        f"{s['reflow_steps']} CFM steps on the fixed pairs from the teacher's weights ({t_train:.0f} s). "
+        f"`fewflow train --method reflow --teacher RUN`: {s['reflow_pairs']} pairs (x0, teacher(x0)) from 50 "
+        f"Heun steps, then {s['reflow_steps']} CFM steps on the fixed pairs from the teacher's weights "
+        f"({t_all:.0f} s in all). "
         "Rectified Flow (Liu et al. 2022): retraining on the teacher's own couplings straightens the "
         "paths.\n\n"
         + "\n".join(rows)
@@ -296,8 +280,10 @@ register_stage(Stage("checkerboard: reflow to 1-2 steps", _reflow_checkerboard))
 def _digits(ctx: DemoContext) -> None:
     import torch
 
+    from fewflow.config import default_config
     from fewflow.plotting import plot_images
-    from fewflow.run import default_config, generate, load_run, train_run
+    from fewflow.runs import load_run, train_run
+    from fewflow.sampling import generate
 
     steps = ctx.settings["digits_steps"]
     cfg = default_config("digits").replace(

@@ -157,6 +157,15 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
+def _device(name: str) -> str:
+    """``auto``: CUDA when available, else CPU."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -195,7 +204,11 @@ def cli(debug: bool) -> None:
     help="Data set: 8gaussians, moons, checkerboard, spirals, rings, gmm, "
     "digits, mnist.  [default: checkerboard, or the config's]",
 )
-@click.option("--method", default=None, help="Training method (registered in fewflow.run).  [default: cfm]")
+@click.option("--method", default=None, help="Training method (see `fewflow methods`).  [default: cfm]")
+@click.option(
+    "--teacher", default=None, type=click.Path(file_okay=False),
+    help="Run folder of a trained velocity model, for methods that distil or refine one.",
+)
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
 @click.option(
     "--config",
@@ -209,7 +222,7 @@ def cli(debug: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="Batch size.")
 @click.option("--lr", type=float, default=None, help="Learning rate.")
 @click.option("--coupling", default=None, help="independent | ot | sinkhorn | wcfm | sb | class_ot.")
-@click.option("--schedule", default=None, help="Path schedule: linear | cosine | vp | polynomial.")
+@click.option("--path", "path_schedule", default=None, help="Path schedule: linear|cosine|vp|polynomial.")
 @click.option("--time-sampler", default=None, help="uniform | logit_normal | shifted.")
 @click.option("--source", default=None, help="gaussian | norm_aligned.")
 @click.option("--model", "model_kind", default=None, help="Network: mlp | unet | dit.")
@@ -233,6 +246,7 @@ def cli(debug: bool) -> None:
 def train_cmd(
     data,
     method,
+    teacher,
     out,
     config_file,
     resume,
@@ -240,7 +254,7 @@ def train_cmd(
     batch_size,
     lr,
     coupling,
-    schedule,
+    path_schedule,
     time_sampler,
     source,
     model_kind,
@@ -259,7 +273,9 @@ def train_cmd(
     \b
     Examples:
       fewflow train --data checkerboard --steps 3000 --out runs/cb
-      fewflow train --data moons --coupling ot --schedule linear --out runs/moons-ot
+      fewflow train --data moons --coupling ot --path linear --out runs/moons-ot
+      fewflow train --data moons --method meanflow --set method.ratio=0.5 --out runs/mf
+      fewflow train --data moons --method reflow --teacher runs/moons-ot --out runs/rf
       fewflow train --data digits --conditional --label-dropout 0.1 --out runs/digits
       fewflow train --config my_run.yaml --out runs/x --set train.lr=3e-4
       fewflow train --out runs/cb --resume --steps 6000     # continue to 6000 steps
@@ -267,14 +283,18 @@ def train_cmd(
     Precedence: data-set defaults < --config file < flags. With --resume the run's own
     config.json is used and only --steps / --device / --no-progress may change.
     """
-    from fewflow.run import RunConfig, default_config, model_type, read_config, read_run_folder, train_run
+    from fewflow.config import RunConfig, default_config, model_type, read_config
+    from fewflow.runs import read_run_folder, train_run
 
     _threads(threads)
+    if data is not None and not data.strip():
+        raise click.BadParameter("is empty: name a data set", param_hint="--data")
     out_dir = Path(out)
     flags: dict[str, Any] = {
-        "objective.method": method,
+        "method.name": method,
+        "teacher": teacher,
         "objective.coupling": coupling,
-        "objective.schedule": schedule,
+        "objective.path": path_schedule,
         "objective.time_sampler": time_sampler,
         "objective.source": source,
         "objective.conditional": conditional,
@@ -314,7 +334,9 @@ def train_cmd(
             raw = raw.get("run_config", raw)  # accept a run folder's config.json as well
             if data:
                 raw.setdefault("data", {})["name"] = data
-            base = default_config((raw.get("data") or {}).get("name", "checkerboard"))
+            if not (raw.get("data") or {}).get("name"):
+                raise FewflowError(f"{config_file} has no data section (data.name): add one or pass --data")
+            base = default_config(raw["data"]["name"])
             merged = base.to_dict()
             _deep_update(merged, raw)
             cfg = RunConfig.from_dict(merged)
@@ -330,7 +352,7 @@ def train_cmd(
             shutil.rmtree(out_dir)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     if main_rank:
-        _say(f"training {cfg.objective.method} on {cfg.data.name} -> {out_dir}")
+        _say(f"training {cfg.method_name} on {cfg.data.name} -> {out_dir}")
     result = train_run(cfg, out_dir, resume=resume)
     if main_rank:
         _say(f"done: step {result.step}, last loss {result.last_loss:.4g} ({result.stopped_reason})")
@@ -339,7 +361,7 @@ def train_cmd(
 
 def _deep_update(base: dict, new: dict) -> None:
     """Merge ``new`` into ``base``; a ``model`` section of another ``type`` replaces the default one."""
-    from fewflow.run import model_type
+    from fewflow.config import model_type
 
     for k, v in new.items():
         if (
@@ -365,7 +387,8 @@ def _deep_update(base: dict, new: dict) -> None:
     "--nfe", type=int, default=None, help="Model evaluations (Euler: steps; Heun/midpoint: 2 per step)."
 )
 @click.option(
-    "--solver", default=None, help="euler | midpoint | heun | rk4 | flowturbo.  [default: the run's]"
+    "--solver", default=None,
+    help="euler | midpoint | heun | rk4 | flowturbo | flow_map.  [default: the run's method's]",
 )
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
 @click.option(
@@ -375,10 +398,8 @@ def _deep_update(base: dict, new: dict) -> None:
     required=True,
     help="Output file: .npy, .pt, or .png (scatter for 2-D, image grid otherwise).",
 )
-@click.option(
-    "--schedule", "grid", default=None, help="Time grid: uniform | shift | edm | logsnr | boss (BOSS)."
-)
-@click.option("--shift", type=float, default=None, help="Shift factor for --schedule shift (default 3).")
+@click.option("--grid", "grid", default=None, help="Time grid: uniform | shift | edm | logsnr | boss (BOSS).")
+@click.option("--shift", type=float, default=None, help="Shift factor for --grid shift (default 3).")
 @click.option(
     "--raag", "raag_alpha", type=float, default=None,
     help="Ratio-aware adaptive guidance with this alpha; --cfg is then w_max.",
@@ -395,7 +416,7 @@ def _deep_update(base: dict, new: dict) -> None:
     show_default=True,
     help="EMA or raw weights.",
 )
-@click.option("--device", default="cpu", show_default=True, help="Device to sample on.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if available) | cpu | cuda.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
 def sample_cmd(
     run_dir, nfe, solver, n, out, grid, shift, raag_alpha, cfg_scale, label, seed, which, device, threads
@@ -405,17 +426,19 @@ def sample_cmd(
     \b
     Examples:
       fewflow sample runs/cb --nfe 8 --solver heun --n 2000 --out s.npy
-      fewflow sample runs/cb --nfe 4 --schedule shift --shift 3 --out s.png
+      fewflow sample runs/cb --nfe 4 --grid shift --shift 3 --out s.png
       fewflow sample runs/digits --nfe 16 --cfg 2.0 --label 3 --out threes.png
       fewflow sample runs/digits --nfe 4 --cfg 3.0 --raag 10 --out raag.png
-      fewflow sample runs/cb --nfe 4 --schedule boss --out boss.png     # cached in runs/cb
+      fewflow sample runs/cb --nfe 4 --grid boss --out boss.png     # cached in the user cache
       fewflow sample runs/cb --nfe 6 --solver flowturbo --out turbo.png
     """
     import torch
 
-    from fewflow.run import generate, load_run
+    from fewflow.runs import load_run
+    from fewflow.sampling import generate
 
     _threads(threads)
+    device = _device(device)
     out_path = Path(out)
     suffix = out_path.suffix.lower()
     if suffix not in (".npy", ".pt", ".png"):
@@ -439,16 +462,23 @@ def sample_cmd(
         label=label,
         generator=gen,
         raag_alpha=raag_alpha,
-        run_dir=run_dir,
     )
     x = res.x.detach().cpu()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
         import numpy as np
 
-        np.save(out_path, x.numpy())
+        from fewflow._io import atomic_path
+
+        with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, x.numpy())
     elif suffix == ".pt":
-        torch.save(x, out_path)
+        import io
+
+        from fewflow._io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save(x, buf)
+        atomic_write_bytes(out_path, buf.getvalue())
     else:
         from fewflow.plotting import plot_samples
 
@@ -472,7 +502,7 @@ def sample_cmd(
 @click.option(
     "--solver", default=None, help="Comma-separated steppers, e.g. euler,heun.  [default: the run's]"
 )
-@click.option("--schedule", "grid", default=None, help="Time grid: uniform | shift | edm | logsnr | boss.")
+@click.option("--grid", "grid", default=None, help="Time grid: uniform | shift | edm | logsnr | boss.")
 @click.option(
     "--n", "n", type=int, default=None, help="Samples per evaluation (default: 2-D 10000, images 2000)."
 )
@@ -482,12 +512,13 @@ def sample_cmd(
 @click.option("--which", type=click.Choice(["ema", "model"]), default="ema", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print ONE JSON object (else a table).")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if available) | cpu | cuda.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
 def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, threads) -> None:
     """Measure sample quality against held-out data at several NFE budgets.
 
-    2-D data: sliced-W2, MMD, energy distance; digits: FD-digits and classifier accuracy.
+    2-D data: sliced-W2, MMD, energy distance; digits / MNIST: Frechet distance in the data set's
+    classifier features and that classifier's accuracy on class-conditional samples.
     Always: straightness of the sampling paths, wall time, actual NFE, and the two-sample
     floor (the same metric between two independent data draws of the same size).
 
@@ -496,10 +527,11 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
       fewflow eval runs/cb --nfe 1,2,4,8,100 --json
       fewflow eval runs/cb --nfe 2,4,8 --solver euler,heun --out metrics.json
     """
-    from fewflow.cli.evaluate import evaluate_run, format_table
-    from fewflow.run import load_run
+    from fewflow.evaluate import evaluate_run, format_table
+    from fewflow.runs import load_run
 
     _threads(threads)
+    device = _device(device)
     nfes = _parse_int_list(nfe, "--nfe")
     solvers = [s for s in (solver or "").split(",") if s] or None
     model, cfg = load_run(run_dir, which=which, device=device)
@@ -509,12 +541,36 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
     report["run"] = str(run_dir)
     text = json.dumps(report, indent=None if as_json else 2, sort_keys=False)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        from fewflow._io import atomic_write_json
+
+        atomic_write_json(Path(out), report, indent=2)
     if as_json:
         click.echo(text)
     else:
         click.echo(format_table(report))
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@cli.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as a JSON list.")
+@click.option("--all", "show_all", is_flag=True, help="Also list variants and ablations.")
+def methods_cmd(as_json: bool, show_all: bool) -> None:
+    """List the registered training methods: name, paper, needs, default sampler.
+
+    \b
+    Examples:
+      fewflow methods
+      fewflow methods --json          # every method with its config fields and defaults
+    """
+    from fewflow.methods import list_methods, methods_table
+
+    specs = list_methods(variants=show_all or as_json)
+    if as_json:
+        click.echo(json.dumps([s.describe() for s in specs], indent=1, default=str))
+    else:
+        click.echo(methods_table(specs))
 
 
 # --------------------------------------------------------------------------- fetch

@@ -20,7 +20,35 @@ from fewflow.couplings.prefetch import PrefetchCoupler
 from fewflow.couplings.reflow import ReflowPairs, generate_reflow_pairs
 from fewflow.couplings.weighted import WeightedCoupling, effective_sample_size, gibbs_weights
 
+from typing import Any
+
+from fewflow._validate import FewflowError, unknown_name
+
+#: couplings by name (``objective.coupling`` of a run config): (class, default keyword arguments)
+COUPLINGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "independent": (IndependentCoupling, {}),
+    "ot": (ExactOTCoupling, {}),
+    "sinkhorn": (SinkhornCoupling, {"reg": 0.05}),
+    "wcfm": (WeightedCoupling, {"eps": 0.1}),
+    "sb": (SchrodingerBridgeCoupling, {"sigma": 0.1}),
+    "class_ot": (ClassConditionalOT, {}),
+}
+
+
+def get_coupling(name: str, **kw: Any) -> Coupling:
+    """A coupling by name with its default keyword arguments overridden by ``kw``."""
+    if name not in COUPLINGS:
+        raise unknown_name("coupling", str(name), COUPLINGS)
+    cls, defaults = COUPLINGS[name]
+    try:
+        return cls(**{**defaults, **kw})
+    except TypeError as e:
+        raise FewflowError(f"bad arguments for coupling {name!r}: {e}") from None
+
+
 __all__ = [
+    "COUPLINGS",
+    "get_coupling",
     "ClassConditionalOT",
     "Coupling",
     "CouplingResult",

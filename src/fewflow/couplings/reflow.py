@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save_file
 from torch import Tensor
 
+from fewflow._io import atomic_save_safetensors, atomic_write_json, clean_stale_temps, sha256_file
 from fewflow._validate import FewflowError, check_finite
 
-__all__ = ["generate_reflow_pairs", "ReflowPairs", "shard_name", "read_manifest"]
+__all__ = ["generate_reflow_pairs", "ReflowPairs", "reflow_batches", "shard_name", "read_manifest"]
 
 MANIFEST = "manifest.json"
 FORMAT = "fewflow-reflow-pairs"
@@ -46,23 +46,6 @@ _COND = "cond."
 def shard_name(index: int) -> str:
     """File name of shard ``index``: ``pairs-00000.safetensors``."""
     return f"pairs-{index:05d}.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -164,13 +147,12 @@ def generate_reflow_pairs(
             )
         for rec in man["shards"]:
             fp = out / rec["file"]
-            if not fp.is_file() or _sha256(fp) != rec["sha256"]:
+            if not fp.is_file() or sha256_file(fp) != rec["sha256"]:
                 raise FewflowError(f"shard {rec['file']} in {out} is missing or corrupted (sha256 mismatch)")
     else:
         man = {"format": FORMAT, "version": 1, **config, "num_shards": n_shards, "written": 0,
                "x_shape": None, "cond": {}, "complete": False, "shards": []}
-    for stray in out.glob("*.tmp"):
-        stray.unlink()
+    clean_stale_temps(out)  # half-written shards of an interrupted run
 
     todo = range(len(man["shards"]), n_shards)
     if max_shards is not None:
@@ -197,22 +179,18 @@ def generate_reflow_pairs(
         check_finite(f"teacher samples of shard {k}", x1)
         tensors = {"x0": x0.contiguous(), "x1": x1.contiguous()}
         tensors.update({_COND + key: c.detach().cpu().contiguous() for key, c in cond.items()})
-        final = out / shard_name(k)
-        tmp = out / (shard_name(k) + ".tmp")
         # one metadata key only: safetensors writes a metadata map in hash order, which would make the
         # bytes (and the sha256) of identical shards differ between runs
-        save_file(tensors, str(tmp), metadata={"fewflow_reflow_shard": str(k)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        digest = _sha256(tmp)
-        os.replace(tmp, final)
+        meta = {"fewflow_reflow_shard": str(k)}
+        final = atomic_save_safetensors(out / shard_name(k), tensors, metadata=meta)
+        digest = sha256_file(final)
         man["shards"].append({"file": final.name, "count": m, "sha256": digest})
         man["written"] = int(sum(r["count"] for r in man["shards"]))
         man["x_shape"] = list(x0.shape[1:])
         man["cond"] = {key: {"shape": list(c.shape[1:]), "dtype": str(c.dtype).replace("torch.", "")}
                        for key, c in cond.items()}
         man["complete"] = len(man["shards"]) == n_shards
-        _write_json_atomic(out / MANIFEST, man)
+        atomic_write_json(out / MANIFEST, man, indent=2)
     return man
 
 
@@ -342,3 +320,18 @@ class ReflowPairs:
 
     def __repr__(self) -> str:
         return f"ReflowPairs({str(self.dir)!r}, pairs={len(self)}, batch_size={self.batch_size})"
+
+
+def reflow_batches(pairs_dir: str | os.PathLike, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches ``{"x1", "x0"[, "y"]}`` of a pair set (an epoch after another, each with a
+    fresh shuffle seeded by ``seed`` and the epoch), streamed with :class:`ReflowPairs`: what the trainer
+    consumes when a method trains on fixed pairs (reflow, Rectified Diffusion)."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for x0, x1, y in ReflowPairs(pairs_dir, batch_size=batch_size, generator=g, drop_last=True):
+            b = {"x1": x1, "x0": x0}
+            if y is not None:
+                b["y"] = y
+            yield b
+        epoch += 1

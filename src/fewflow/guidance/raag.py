@@ -1,24 +1,27 @@
 """RAAG: Ratio-Aware Adaptive Guidance.
 
-Paper: *Ratio-Aware Adaptive Guidance* (Zhu et al., arXiv 2508.03442). No official code; the formula
-follows a third-party ComfyUI port and the paper's summary (see ``docs/methods/raag.md``).
+Paper: *Ratio-Aware Adaptive Guidance* (Zhu et al., arXiv 2508.03442). No official code (see
+``docs/methods/raag.md``).
 
 With the conditional and unconditional predictions ``v_c = v(x, t | y)``, ``v_u = v(x, t | null)`` of a
 model trained with label dropout, RAAG measures per sample the ratio of the guidance signal to the
-unconditional prediction
+unconditional prediction -- the paper's RATIO, a ratio of *squared* norms (the default)::
 
-    r = || v_c - v_u || / max(|| v_u ||, eps)        (``squared=True``: r = (||v_c - v_u|| / ||v_u||)^2)
+    r = || v_c - v_u ||^2 / max(|| v_u ||, eps)^2       (``squared=False``: r = ||v_c - v_u|| / ||v_u||)
 
 (norms over all non-batch dimensions) and replaces the constant CFG weight by the closed-form decay
 
     w(r) = 1 + (w_max - 1) exp(-alpha r),      v_guided = v_u + w(r) (v_c - v_u).
 
-The ratio spikes at the first, noisiest steps (there ``v_c - v_u`` is the class-mean shift), so guidance
-is damped exactly where strong CFG overshoots at low NFE. ``alpha = 0`` gives constant CFG with scale
+The ratio spikes at the first, noisiest step: at t = 0 the state is pure noise ``x_0`` and, for the exact
+velocities of the linear path, ``v_c = E[x_1 | y] - x_0`` and ``v_u = E[x_1] - x_0``, so
+``r_0 = ||E[x_1 | y] - E[x_1]||^2 / ||E[x_1] - x_0||^2`` -- set by the data's class-mean shift alone -- while
+near the data the class posterior is sharp and ``v_c ~ v_u``. Guidance is damped exactly where strong CFG
+overshoots at low NFE. ``alpha = 0`` gives constant CFG with scale
 ``w_max``. Both predictions come from ONE batched forward: RAAG composes :class:`fewflow.guidance.CFG`
 with an adaptive scale, so the batching (``[x, x]`` with labels ``[y, null]``), label checks, flow-map
-support and guidance interval are CFG's. Defaults of the ComfyUI port: ``alpha = 12``, ``w_max = 18``,
-``eps = 1e-8`` (for SD-class latents, not toys).
+support and guidance interval are CFG's. ``alpha`` and ``w_max`` have no defaults: a third-party ComfyUI
+port uses ``alpha = 12``, ``w_max = 18`` for SD-class latents, not toys; ``eps = 1e-8``.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from fewflow.guidance.cfg import CFG
 __all__ = ["RAAG", "RatioRecord", "plot_ratio_history", "raag_ratio", "raag_scale"]
 
 
-def raag_ratio(v_c: Tensor, v_u: Tensor, squared: bool = False, eps: float = 1e-8) -> Tensor:
-    """Per-sample ``||v_c - v_u|| / max(||v_u||, eps)`` (or its square), shape ``(B,)``."""
+def raag_ratio(v_c: Tensor, v_u: Tensor, squared: bool = True, eps: float = 1e-8) -> Tensor:
+    """Per-sample ``||v_c - v_u||^2 / max(||v_u||, eps)^2`` (the paper's RATIO), shape ``(B,)``;
+    ``squared=False`` gives the unsquared ``||v_c - v_u|| / max(||v_u||, eps)``."""
     if v_c.shape != v_u.shape:
         raise FewflowError(f"v_c has shape {tuple(v_c.shape)} but v_u has shape {tuple(v_u.shape)}")
     num = (v_c - v_u).flatten(1).norm(dim=1)
@@ -70,7 +74,8 @@ class RAAG:
         w_max: the guidance scale reached when the ratio is 0 (``>= 0``; ``1`` = the conditional model).
         alpha: decay rate ``>= 0``; ``alpha = 0`` is constant CFG with scale ``w_max``.
         num_classes: K (null label K).
-        squared: use the squared ratio.
+        squared: the paper's ratio of squared norms (default True); False for the unsquared ratio
+            (its square root, which needs a different ``alpha`` for the same damping).
         eps: floor of ``||v_u||`` (near data ``v_u`` can vanish).
         interval: optional CFG guidance interval ``(lo, hi)``.
         record: append a :class:`RatioRecord` to ``ratio_history`` at every guided call (opt-in; clear it
@@ -83,7 +88,7 @@ class RAAG:
         w_max: float,
         alpha: float,
         num_classes: int,
-        squared: bool = False,
+        squared: bool = True,
         eps: float = 1e-8,
         interval: tuple[float, float] | None = None,
         record: bool = False,
@@ -151,7 +156,7 @@ def plot_ratio_history(
             hi = [float(v.quantile(0.9)) for v in vals]
             (line,) = ax.plot(ts, mean, marker="o", ms=3, label=label)
             ax.fill_between(ts, lo, hi, color=line.get_color(), alpha=0.2)
-    axes[0][0].set_ylabel("ratio ||v_c - v_u|| / ||v_u||")
+    axes[0][0].set_ylabel("RAAG ratio r")
     if show_scale:
         axes[0][1].set_ylabel("guidance scale w")
     for ax in axes[0]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewflow._io import atomic_save_safetensors, atomic_write_json
 from fewflow._validate import FewflowError, check_batch, check_finite, unknown_name
 from fewflow.data import default_cache_dir, load_dataset
 from fewflow.metrics.frechet import frechet_distance
@@ -142,7 +142,7 @@ def get_feature_classifier(
     Cache files: ``<cache_dir>/classifiers/<dataset>-<hash>.safetensors`` and ``.json`` (``cache_dir``
     defaults to ``$FEWFLOW_CACHE`` or ``~/.cache/fewflow``); the hash covers the training config.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     _check_dataset(dataset)
     cfg = CLASSIFIER_CONFIGS[dataset]
@@ -161,13 +161,9 @@ def get_feature_classifier(
         if dataset == "mnist" and cache_dir is not None:
             data_kw.setdefault("cache_dir", cache_dir)
         model, acc = train_feature_classifier(dataset, cfg, **data_kw)
-        folder.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp{os.getpid()}"  # unique per process: concurrent writers never share a temp file
-        tmp_w, tmp_j = wpath.with_suffix(f"{tag}.safetensors"), jpath.with_suffix(f"{tag}.json")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
-        tmp_j.write_text(json.dumps({"dataset": dataset, "config": cfg, "test_accuracy": acc}, indent=2))
-        os.replace(tmp_w, wpath)
-        os.replace(tmp_j, jpath)
+        # weights first: the .json marks a complete cache entry (temps are unique per writer)
+        atomic_save_safetensors(wpath, model.state_dict())
+        atomic_write_json(jpath, {"dataset": dataset, "config": cfg, "test_accuracy": acc}, indent=2)
     model.eval().requires_grad_(False)
     _MEMO[key] = model
     return model

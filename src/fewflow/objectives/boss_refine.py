@@ -25,8 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewflow._validate import FewflowError, check_finite, check_same_shape, expand_like
+from fewflow._validate import FewflowError, check_finite, expand_like
+from fewflow.methods.registry import (
+    BuildContext,
+    DefaultSampler,
+    MethodSpec,
+    Needs,
+    SamplingPlan,
+    Stage,
+    register,
+)
 from fewflow.objectives.base import LossOutput
+from fewflow.solvers.boss import BossSegments
 
 __all__ = [
     "BossRefineLoss",
@@ -37,37 +47,6 @@ __all__ = [
     "lora_parameters",
     "merge_lora",
 ]
-
-
-@dataclass
-class BossSegments:
-    """Stored reference segments: row ``m`` is one jump ``x_start[m] (at t_start[m]) -> x_end[m]
-    (at t_end[m])`` of a reference trajectory; ``cond`` holds per-row conditioning (e.g. ``y``)."""
-
-    x_start: Tensor
-    x_end: Tensor
-    t_start: Tensor
-    t_end: Tensor
-    cond: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_same_shape("x_start", self.x_start, "x_end", self.x_end)
-        m = self.x_start.shape[0]
-        for name, t in (("t_start", self.t_start), ("t_end", self.t_end)):
-            if t.shape != (m,):
-                raise FewflowError(f"{name} must have shape ({m},) to match x_start, got {tuple(t.shape)}")
-        if bool((self.t_end <= self.t_start).any()):
-            raise FewflowError("every segment needs t_end > t_start (time runs from source 0 to data 1)")
-
-    def __len__(self) -> int:
-        return int(self.x_start.shape[0])
-
-    def select(self, idx: Tensor) -> BossSegments:
-        """The rows ``idx`` (a LongTensor), conditioning included."""
-        n = len(self)
-        cond = {k: (v[idx] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v)
-                for k, v in self.cond.items()}
-        return BossSegments(self.x_start[idx], self.x_end[idx], self.t_start[idx], self.t_end[idx], cond)
 
 
 def boss_refine_loss(model: Any, seg: BossSegments, **cond: Any) -> LossOutput:
@@ -204,3 +183,63 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, mod.merged())
     return model
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class BossRefineConfig:
+    """BOSS phase 2: the grids to straighten the teacher on, the reference set, the BOSS code's lr."""
+
+    grid_steps: tuple[int, ...] = field(default=(2, 4), metadata={"help": "step counts of the fitted grids"})
+    n_ref: int = field(default=1000, metadata={"help": "reference trajectories"})
+    fine_steps: int = field(default=100, metadata={"help": "Euler steps of a reference trajectory"})
+    lr: float = field(default=2e-4, metadata={"help": "fine-tuning learning rate (BOSS code)"})
+
+
+def _build_boss(cfg: BossRefineConfig, ctx: BuildContext) -> list[Stage]:
+    from fewflow.solvers.boss import bellman_schedule, boss_cost_matrix, boss_reference, boss_segments
+
+    teacher = ctx.need_teacher("boss_refine")
+    if not cfg.grid_steps or any(int(k) < 1 for k in cfg.grid_steps):
+        raise FewflowError(f"grid_steps must be positive step counts, got {cfg.grid_steps}")
+    g = torch.Generator().manual_seed(ctx.seed + 77)
+    x1 = ctx.data.x
+    if ctx.source is not None:
+        x0 = ctx.source.sample(cfg.n_ref, dtype=x1.dtype, generator=g)
+    else:
+        x0 = torch.randn(cfg.n_ref, *x1.shape[1:], generator=g, dtype=x1.dtype)
+    cond = {} if ctx.num_classes is None else {"y": torch.arange(cfg.n_ref) % ctx.num_classes}
+    with torch.no_grad():
+        ref = boss_reference(teacher, x0, cfg.fine_steps, cond=cond)
+        cost = boss_cost_matrix(teacher, reference=ref, cond=cond)
+    scheds = {int(k): bellman_schedule(cost, int(k), times=ref.times) for k in cfg.grid_steps}
+    ctx.record("grids", {str(k): [float(v) for v in s.grid] for k, s in scheds.items()})
+    loss = BossRefineLoss(boss_segments(ref, *scheds.values()))
+
+    def objective(model: Any, x1: Tensor, *, generator: Any = None, **_: Any) -> LossOutput:
+        return loss(model, x1, generator=generator)  # labels come with the segments
+
+    return [Stage("boss_refine", objective, lr=cfg.lr)]
+
+
+def _sampling_boss(model: Any, cfg: BossRefineConfig, *, nfe: int, meta: dict, **_: Any) -> SamplingPlan:
+    grid = (meta.get("grids") or {}).get(str(nfe))
+    return SamplingPlan(model, "euler" if grid is not None else None, grid)
+
+
+register(MethodSpec(
+    name="boss_refine",
+    label="BOSS refinement",
+    paper="Nguyen et al., Bellman Optimal Step-size Straightening of Flow-Matching Models (2312.16414)",
+    summary="fit Bellman-optimal K-step grids of a teacher, then fine-tune it to jump along them (Euler)",
+    config=BossRefineConfig,
+    loss=BossRefineLoss,
+    build=_build_boss,
+    needs=Needs(teacher="required", init_from_teacher=True, coupling="fixed"),
+    sampler=DefaultSampler("euler", nfe=4),
+    sampling=_sampling_boss,
+    recipe_fields=("grid_steps", "n_ref", "fine_steps", "lr"),
+    family="refiner",
+))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape, expand_like
 from fewflow.couplings import Coupling, CouplingResult, IndependentCoupling, brownian_bridge_noise
 from fewflow.couplings.base import randn_like
+from fewflow.methods.registry import BuildContext, MethodSpec, Stage, register
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import drop_labels, sample_source
 from fewflow.objectives.time_samplers import TimeSampler, UniformTime
@@ -213,3 +215,35 @@ class CFMLoss:
             f"CFMLoss(path={self.path!r}, coupling={self.coupling!r}, time_sampler={self.time_sampler!r}, "
             f"label_dropout={self.label_dropout:g})"
         )
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class CFMConfig:
+    """Settings of :class:`CFMLoss` beyond the run's path, coupling, time sampler and source."""
+
+    sigma_path_noise: float | None = field(
+        default=None, metadata={"help": "std of Gaussian noise around the path (I-CFM's sigma); null: none"}
+    )
+
+
+def _build_cfm(cfg: CFMConfig, ctx: BuildContext) -> list[Stage]:
+    loss = CFMLoss(
+        ctx.path, source=ctx.source, coupling=ctx.coupling, time_sampler=ctx.time_sampler,
+        sigma_path_noise=cfg.sigma_path_noise, **ctx.conditioning(),
+    )
+    return [Stage("cfm", loss)]
+
+
+register(MethodSpec(
+    name="cfm",
+    label="CFM",
+    paper="Lipman et al., Flow Matching for Generative Modeling (2210.02747); Tong et al., Improving and "
+    "Generalizing Flow-Based Generative Models with Minibatch Optimal Transport (2302.00482)",
+    summary="conditional flow matching on any path, coupling (independent, OT, Sinkhorn, W-CFM) and source",
+    config=CFMConfig,
+    loss=CFMLoss,
+    build=_build_cfm,
+))

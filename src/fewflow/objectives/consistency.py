@@ -41,12 +41,21 @@ of two).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fewflow._validate import FewflowError, expand_like, unknown_name
+from fewflow.methods.registry import (
+    BuildContext,
+    DefaultSampler,
+    MethodSpec,
+    Needs,
+    Stage,
+    register,
+)
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
     SampledTimesObjective,
@@ -360,3 +369,76 @@ class ShortcutLoss(SampledTimesObjective):
     def __repr__(self) -> str:
         m, frac = round(1 / self.min_step), self.bootstrap_fraction
         return f"ShortcutLoss(min_step=1/{m}, bootstrap_fraction={frac:g})"
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class ConsistencyConfig:
+    """Settings of :class:`ConsistencyLoss` (consistency distillation of a teacher as a flow map)."""
+
+    delta: float = field(default=1.0 / 16, metadata={"help": "teacher step between the two times"})
+    teacher_stepper: str = "heun"
+    boundary_fraction: float = 0.0
+    velocity_weight: float = 0.0
+    reduction: str = "mean"
+    time_pairs: str = field(default="uniform", metadata={"help": "uniform | logit_normal (s, t) draws"})
+
+
+def _build_consistency(cfg: ConsistencyConfig, ctx: BuildContext) -> list[Stage]:
+    from fewflow.objectives.meanflow import time_pairs
+
+    loss = ConsistencyLoss(
+        ctx.need_teacher("consistency"), delta=cfg.delta, teacher_stepper=cfg.teacher_stepper,
+        time_sampler=time_pairs(cfg.time_pairs), boundary_fraction=cfg.boundary_fraction,
+        velocity_weight=cfg.velocity_weight, path=ctx.path, source=ctx.source, reduction=cfg.reduction,
+        **ctx.conditioning(),
+    )
+    return [Stage("consistency", loss)]
+
+
+register(MethodSpec(
+    name="consistency",
+    label="Consistency distillation",
+    paper="Song et al., Consistency Models (2303.01469)",
+    summary="consistency distillation of a velocity teacher into a flow map (one teacher ODE step per row)",
+    config=ConsistencyConfig,
+    loss=ConsistencyLoss,
+    build=_build_consistency,
+    needs=Needs(teacher="required", model="flow_map", init_from_teacher=True),
+    sampler=DefaultSampler("flow_map", nfe=1),
+    recipe_fields=("time_pairs",),
+    family="fewstep",
+))
+
+
+@dataclass
+class ShortcutConfig:
+    """Settings of :class:`ShortcutLoss` (paper defaults)."""
+
+    min_step: float = field(default=1.0 / 128, metadata={"help": "smallest step size d"})
+    bootstrap_fraction: float = field(default=0.25, metadata={"help": "fraction of self-consistency rows"})
+    reduction: str = "mean"
+
+
+def _build_shortcut(cfg: ShortcutConfig, ctx: BuildContext) -> list[Stage]:
+    loss = ShortcutLoss(
+        path=ctx.path, source=ctx.source, min_step=cfg.min_step, bootstrap_fraction=cfg.bootstrap_fraction,
+        reduction=cfg.reduction, **ctx.conditioning(),
+    )
+    return [Stage("shortcut", loss)]
+
+
+register(MethodSpec(
+    name="shortcut",
+    label="Shortcut",
+    paper="Frans et al., One Step Diffusion via Shortcut Models (2410.12557)",
+    summary="a flow map trained from scratch: flow matching at d = 0 plus self-consistency of two half steps",
+    config=ShortcutConfig,
+    loss=ShortcutLoss,
+    build=_build_shortcut,
+    needs=Needs(model="flow_map"),
+    sampler=DefaultSampler("flow_map", nfe=1),
+    family="fewstep",
+))

@@ -21,6 +21,7 @@ AdamW lr 5e-5, EMA; refiner = one DiT block of the predictor's width (a 1-2 laye
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +29,15 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape
 from fewflow.couplings.base import rand, randn_like
+from fewflow.methods.registry import (
+    BuildContext,
+    DefaultSampler,
+    MethodSpec,
+    Needs,
+    SamplingPlan,
+    Stage,
+    register,
+)
 from fewflow.objectives.base import LossOutput
 
 __all__ = ["FlowTurboRefinerLoss"]
@@ -96,3 +106,61 @@ class FlowTurboRefinerLoss:
 
     def __repr__(self) -> str:
         return f"FlowTurboRefinerLoss(max_dt={self.max_dt}, path={self.path!r})"
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class FlowTurboRefinerConfig:
+    """The refiner's loss (``max_dt`` from the authors' code), its network and its share of the steps."""
+
+    max_dt: float = field(default=0.12, metadata={"help": "largest step the refiner is trained for"})
+    hidden: int = 64
+    depth: int = 2
+    refine_fraction: float = field(default=0.3, metadata={"help": "share of sampling steps refined"})
+
+
+def _build_turbo(cfg: FlowTurboRefinerConfig, ctx: BuildContext) -> list[Stage]:
+    loss = FlowTurboRefinerLoss(ctx.need_teacher("flowturbo_refiner"), path=ctx.path, source=ctx.source,
+                                max_dt=cfg.max_dt)
+    return [Stage("flowturbo_refiner", loss)]
+
+
+def _make_refiner(cfg: FlowTurboRefinerConfig, meta: dict) -> Any:
+    from fewflow.solvers.flowturbo import FlowTurboRefiner
+
+    dim = int(math.prod(meta["shape"]))
+    k = meta.get("num_classes") if meta.get("conditional") else None
+    return FlowTurboRefiner(dim, hidden=cfg.hidden, depth=cfg.depth, num_classes=k)
+
+
+def _sampling_turbo(
+    model: Any, cfg: FlowTurboRefinerConfig, *, nfe: int, teacher: Any, **_: Any
+) -> SamplingPlan:
+    from fewflow.solvers.flowturbo import FlowTurboStepper
+
+    if teacher is None:
+        raise FewflowError("sampling a FlowTurbo refiner needs its teacher run")
+    if nfe < 3:
+        raise FewflowError(f"FlowTurbo needs nfe >= 3 (one Heun step + pseudo-corrector steps), got {nfe}")
+    n_refine = max(1, round(cfg.refine_fraction * (nfe - 1) / (1.0 - cfg.refine_fraction)))
+    return SamplingPlan(teacher, FlowTurboStepper(1, nfe - 2, n_refine, refiner=model))
+
+
+register(MethodSpec(
+    name="flowturbo_refiner",
+    label="FlowTurbo refiner",
+    paper="Zhao et al., FlowTurbo: Towards Real-time Flow-Based Image Generation with Velocity Refiner "
+    "(2409.18128)",
+    summary="a tiny network predicting the velocity change late in sampling (Heun, pseudo-corrector, refiner)",
+    config=FlowTurboRefinerConfig,
+    loss=FlowTurboRefinerLoss,
+    build=_build_turbo,
+    needs=Needs(teacher="required", model="custom", coupling="fixed"),
+    sampler=DefaultSampler("flowturbo", nfe=8),
+    sampling=_sampling_turbo,
+    make_model=_make_refiner,
+    recipe_fields=("hidden", "depth", "refine_fraction"),
+    family="refiner",
+))

@@ -20,12 +20,20 @@ whereas ``E|b - target|^2`` (reported as the ``mse`` diagnostic) contains ``d_ga
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape, expand_like
+from fewflow.methods.registry import (
+    BuildContext,
+    MethodSpec,
+    Needs,
+    Stage,
+    register,
+)
 from fewflow.objectives.base import LossOutput
 from fewflow.paths.interpolant import StochasticInterpolant
 from fewflow.sources import _randn
@@ -151,3 +159,51 @@ class InterpolantScoreLoss(_InterpolantLoss):
     def score(self, model: Any):
         """The score model ``s(x, t, **cond) = -eta(x, t) / gamma(t)`` of a trained denoiser."""
         return self.interpolant.score_model(model)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class InterpolantConfig:
+    """The stochastic interpolant and its velocity (drift) loss."""
+
+    interpolant: str = field(
+        default="linear", metadata={"help": "linear | trig | one_sided_linear | one_sided_trig"}
+    )
+    a: float = field(default=1.0, metadata={"help": "gamma_t = sqrt(a t (1 - t)) of two-sided interpolants"})
+    t_min: float | None = None
+    antithetic: bool = True
+
+
+def make_interpolant(kind: str, a: float = 1.0) -> StochasticInterpolant:
+    """A stochastic interpolant by name."""
+    if kind in ("linear", "trig"):
+        return getattr(StochasticInterpolant, kind)(a=a)
+    if kind in ("one_sided_linear", "one_sided_trig"):
+        return getattr(StochasticInterpolant, kind)()
+    from fewflow._validate import unknown_name
+
+    raise unknown_name("interpolant", kind, ("linear", "trig", "one_sided_linear", "one_sided_trig"))
+
+
+def _build_interpolant(cfg: InterpolantConfig, ctx: BuildContext) -> list[Stage]:
+    loss = InterpolantVelocityLoss(
+        make_interpolant(cfg.interpolant, cfg.a), source=ctx.source, time_sampler=ctx.time_sampler,
+        t_min=cfg.t_min, antithetic=cfg.antithetic,
+    )
+    return [Stage("interpolant", loss)]
+
+
+register(MethodSpec(
+    name="interpolant",
+    label="Stochastic interpolant",
+    paper="Albergo, Boffi & Vanden-Eijnden, Stochastic Interpolants: A Unifying Framework for Flows and "
+    "Diffusions (2303.08797)",
+    summary="x_t = alpha x0 + beta x1 + gamma z; the drift b(x, t) by its quadratic loss, sampled as an ODE",
+    config=InterpolantConfig,
+    loss=InterpolantVelocityLoss,
+    build=_build_interpolant,
+    needs=Needs(labels="none", coupling="fixed"),
+    recipe_fields=("interpolant", "a"),
+))

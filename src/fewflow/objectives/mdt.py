@@ -8,7 +8,8 @@ from time ``s`` to the data end, i.e. a flow-map model queried as ``u(x, s, 1)``
     x_1 = x_s + (1 - s) u(x_s, s, 1)          (paper: x_0 = x_t - t F(x_t, t); its r = 0 is our t = 1).
 
 **Velocity Matching (VM)** -- the MeanFlow identity with the end fixed at the data and the teacher's
-velocity ``v_T = v_phi(x_s, s)`` (wrap the teacher in ``fewflow.guidance.CFG`` for guidance)::
+velocity ``v_T = v_phi(x_s, s)``, classifier-free guided with its own scale when labels are given
+(``v_T = v_u + w_VM (v_c - v_u)``, see *Teacher guidance* below)::
 
     d = [u(x_s + Delta v_T, s + Delta, 1) - u(x_s, s, 1)] / Delta         (discrete, Delta = 0.01, no-grad)
     d <- d / (||d|| + c)                                                   (d_norm, per sample, c = 0.1)
@@ -21,8 +22,21 @@ equals the flow map up to ``O(Delta)``; ``d_norm`` bounds the derivative term (a
 **Velocity Distillation (VD)** -- a distribution-level loss on the student's own one-step samples::
 
     v_fake = u(z, 0, 1),  x_fake = z + v_fake                               (gradient flows here only)
-    x_s = s x_fake + (1 - s) eps;   diff = sg( u(x_s, s, 1) - u_tgt(x_s) )  (VM target at the fakes)
+    x_s = s x_fake + (1 - s) eps;   diff = sg( u(x_s, s, 1) - u_tgt(x_s) )  (VM target at the fakes,
+                                                                             teacher guided with w_VD)
     L_VD = mean || diff + v_fake - sg(v_fake) ||^2     =>  grad = 2 diff . d v_fake / d theta / N.
+
+The generator input ``z`` is its own fresh noise. The re-noising noise ``eps`` and time ``s`` are, as in
+the code (``get_v_pred_tgt(x_fake, noise, t, ...)``), the *same* ``x0`` and ``s`` that the VM term of the
+batch uses (``vd_noise="shared"``, default); ``vd_noise="independent"`` draws fresh ones. Both give the
+same expected loss; sharing pairs each real row with a fake row noised identically.
+
+**Teacher guidance.** The code guides the teacher separately for the two terms, in TRELLIS' form
+``(1 + w) v_c - w v_u`` with ``w = 40`` for VM and ``w = 100`` for VD (``cfg_teacher_vm``,
+``cfg_teacher_vd``; both released configs). In fewflow's CFG convention ``v_u + w (v_c - v_u)``
+(:class:`fewflow.guidance.CFG`, ``w = 1`` = the plain conditional teacher) those are ``guidance_vm = 41``
+and ``guidance_vd = 101``, the defaults here. They apply when labels ``y`` are passed (null label
+``num_classes``, one batched teacher forward per target); without labels the teacher is called as is.
 
 The student itself is the "fake" velocity estimator (the code keeps no auxiliary fake-score network):
 where the student's transport at re-noised fakes disagrees with the teacher-implied one, its one-step
@@ -41,13 +55,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError, check_batch, check_finite, expand_like
+from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
+from fewflow.guidance.cfg import CFG
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
     check_flow_map,
     check_linear_path,
     drop_labels,
-    randn_like,
     sample_source,
     unwrap,
 )
@@ -141,8 +155,15 @@ class MDTDistLoss:
     (:func:`fewflow.objectives.mfrae.init_from_teacher`) as the paper does.
 
     Args:
-        teacher: frozen velocity model ``v(x, t, **cond)`` (``fewflow.guidance.CFG`` for the paper's CFG).
+        teacher: frozen velocity model ``v(x, t, **cond)``; with labels, ``v(x, t, y=...)`` with null label
+            ``num_classes`` (do not pass an already guided ``CFG`` wrapper: guidance is applied here).
         lambda_vm, lambda_vd: loss weights (1, 1).
+        guidance_vm, guidance_vd: CFG scales ``w`` of the teacher in the VM and VD targets,
+            ``v_u + w (v_c - v_u)`` (41 and 101 = the code's 40 and 100 in TRELLIS' ``(1 + w)`` form).
+            Used when labels ``y`` are passed (needs ``num_classes``); ``None`` or 1 = the plain
+            conditional teacher.
+        vd_noise: ``"shared"`` (code): VD re-noises the fakes with the VM term's ``x0`` and time ``s``;
+            ``"independent"``: fresh noise and time for VD.
         delta: finite-difference step ``Delta`` (0.01).
         d_norm, d_norm_c: normalise the derivative ``d / (||d|| + c)`` (True, 0.1).
         time_sampler: a ``TimeSampler`` on ``[0, 1]`` rescaled to ``[0, 1 - delta]``; default the code's
@@ -164,6 +185,9 @@ class MDTDistLoss:
         source: Any = None,
         label_dropout: float = 0.0,
         num_classes: int | None = None,
+        guidance_vm: float | None = 41.0,
+        guidance_vd: float | None = 101.0,
+        vd_noise: str = "shared",
     ) -> None:
         check_linear_path(path, "MDTDistLoss")
         if not callable(teacher):
@@ -178,6 +202,11 @@ class MDTDistLoss:
             raise FewflowError(f"d_norm_c must be positive, got {d_norm_c}")
         if not 0.0 <= label_dropout < 1.0:
             raise FewflowError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+        for name, w in (("guidance_vm", guidance_vm), ("guidance_vd", guidance_vd)):
+            if w is not None and not (math.isfinite(float(w)) and float(w) >= 0):
+                raise FewflowError(f"{name} must be None or a finite number >= 0, got {w}")
+        if vd_noise not in ("shared", "independent"):
+            raise unknown_name("vd_noise", vd_noise, ("shared", "independent"))
         self.teacher = teacher
         self.lambda_vm, self.lambda_vd = float(lambda_vm), float(lambda_vd)
         self.delta, self.d_norm, self.d_norm_c = float(delta), bool(d_norm), float(d_norm_c)
@@ -186,6 +215,23 @@ class MDTDistLoss:
         )
         self.source = source
         self.label_dropout, self.num_classes = float(label_dropout), num_classes
+        self.guidance_vm = None if guidance_vm is None else float(guidance_vm)
+        self.guidance_vd = None if guidance_vd is None else float(guidance_vd)
+        self.vd_noise = vd_noise
+
+    def teacher_for(self, term: str, cond: dict[str, Any]) -> Any:
+        """The teacher of the ``"vm"`` or ``"vd"`` target: ``CFG(teacher, guidance_<term>, num_classes)``
+        when labels ``y`` are passed and the scale is not None/1, else the teacher itself."""
+        w = self.guidance_vm if term == "vm" else self.guidance_vd
+        if w is None or w == 1.0 or cond.get("y") is None:
+            return self.teacher
+        if self.num_classes is None:
+            raise FewflowError(
+                f"MDTDistLoss got labels y and guidance_{term}={w:g} (teacher CFG) but no num_classes for "
+                "the null label; pass num_classes, or guidance_vm=guidance_vd=None for the plain "
+                "conditional teacher"
+            )
+        return CFG(self.teacher, w, self.num_classes)
 
     def sample_times(self, n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Start times ``s`` in ``[0, 1 - delta]``."""
@@ -199,7 +245,7 @@ class MDTDistLoss:
         u = model(x_s, s, torch.ones_like(s), **cond)
         tgt = velocity_matching_target(
             model,
-            self.teacher,
+            self.teacher_for("vm", cond),
             x_s,
             s,
             self.delta,
@@ -225,7 +271,7 @@ class MDTDistLoss:
             u_pred = unwrap(model)(x_s, s, torch.ones_like(s), **cond)
             tgt = velocity_matching_target(
                 model,
-                self.teacher,
+                self.teacher_for("vd", cond),
                 x_s,
                 s,
                 self.delta,
@@ -248,20 +294,20 @@ class MDTDistLoss:
         n = x1.shape[0]
         loss = x1.new_zeros(())
         diag: dict[str, float] = {}
+        # the batch's noise and times (the code draws them once and uses them for VM and VD)
+        x0 = sample_source(self.source, x1, generator)
+        s = self.sample_times(n, x1, generator)
         if self.lambda_vm > 0:
-            x0 = sample_source(self.source, x1, generator)
-            s = self.sample_times(n, x1, generator)
             per, _ = self.vm_loss(model, x0, x1, s, **cond)
             loss = loss + self.lambda_vm * per.mean()
             diag["vm"] = float(per.detach().mean())
         if self.lambda_vd > 0:
-            z = sample_source(self.source, x1, generator)
-            eps = (
-                sample_source(self.source, x1, generator)
-                if self.source is not None
-                else randn_like(x1, generator)
-            )
-            s2 = self.sample_times(n, x1, generator)
+            z = sample_source(self.source, x1, generator)  # the generator's own input noise
+            if self.vd_noise == "shared":
+                eps, s2 = x0, s
+            else:
+                eps = sample_source(self.source, x1, generator)
+                s2 = self.sample_times(n, x1, generator)
             vd, diff, _ = self.vd_loss(model, z, s2, eps, **cond)
             loss = loss + self.lambda_vd * vd
             diag["vd"] = float(vd.detach())
@@ -272,5 +318,6 @@ class MDTDistLoss:
     def __repr__(self) -> str:
         return (
             f"MDTDistLoss(lambda_vm={self.lambda_vm:g}, lambda_vd={self.lambda_vd:g}, delta={self.delta:g}, "
-            f"d_norm={self.d_norm})"
+            f"d_norm={self.d_norm}, guidance_vm={self.guidance_vm}, guidance_vd={self.guidance_vd}, "
+            f"vd_noise={self.vd_noise!r})"
         )

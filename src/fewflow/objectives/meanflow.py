@@ -35,7 +35,9 @@ the instantaneous velocity ``u(x, t, t)`` (the boundary condition).
     v~ = omega v + kappa u(x_s, s, s | y) + (1 - omega - kappa) u(x_s, s, s | null)
 
 with both model calls under stop-gradient; rows whose label was dropped (``label_dropout``) keep ``v``.
-Effective guidance scale is ``omega / (1 - kappa)``; sampling stays one network evaluation.
+Effective guidance scale is ``omega / (1 - kappa)``; sampling stays one network evaluation. The
+unconditional branch ``u(. | null)`` is trained only by the dropped rows, so ``omega`` requires
+``label_dropout > 0`` (the code uses 0.1); ``label_dropout = 0`` is refused at construction.
 
 Distributed training: ``torch.func.jvp`` cannot trace through a ``DistributedDataParallel`` wrapper. With a
 DDP model (``jvp_mode="auto"`` -> ``"split"``), the tangent is computed by a no-grad JVP on ``model.module``
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +59,15 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewflow._validate import FewflowError, expand_like, unknown_name
+from fewflow.methods.registry import (
+    BuildContext,
+    DefaultSampler,
+    MethodSpec,
+    Needs,
+    Stage,
+    register,
+    register_variant,
+)
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
     SampledTimesObjective,
@@ -258,6 +270,8 @@ class MeanFlowLoss(SampledTimesObjective):
             range of the *start* time ``s`` in fewflow time where guidance is applied (the paper's
             ``[t_start, t_end]`` over noise time maps to ``(1 - t_end, 1 - t_start)``).
         label_dropout: probability of replacing ``y`` with the null class ``num_classes`` (0.1 with CFG).
+            Must be > 0 when ``omega`` is set: the guided target needs the unconditional branch
+            ``u(x, s, s | null)``, which only dropped rows train (a :class:`FewflowError` otherwise).
         num_classes: number of classes K (null label K).
         tangents: ``"correct"`` or an ablation (``"no_time"``, ``"end_time"``), see :data:`TANGENTS`.
         jvp_mode: ``"auto"`` | ``"fused"`` | ``"split"`` (see :func:`flow_map_jvp`).
@@ -298,6 +312,12 @@ class MeanFlowLoss(SampledTimesObjective):
                 raise FewflowError(f"CFG interval must satisfy 0 <= lo <= hi <= 1, got {interval}")
             if kappa >= 1.0:
                 raise FewflowError(f"kappa must be < 1 (effective scale omega / (1 - kappa)), got {kappa}")
+            if label_dropout <= 0.0:
+                raise FewflowError(
+                    f"training-time CFG (omega={omega}) with label_dropout={label_dropout} trains no "
+                    "unconditional branch: the guided target uses u(x, s, s | null), which only rows with a "
+                    "dropped label train; set label_dropout > 0 (0.1 in the paper's code) or omega=None"
+                )
         if tangents not in TANGENTS:
             raise unknown_name("tangents", tangents, TANGENTS)
         if jvp_mode not in ("auto", "fused", "split"):
@@ -384,3 +404,68 @@ class MeanFlowLoss(SampledTimesObjective):
             f"MeanFlowLoss(ratio={self.ratio:g}, p={self.adaptive_p:g}, c={self.adaptive_c:g}, "
             f"time_sampler={self.time_sampler!r}, tangents={self.tangents!r}, omega={self.omega})"
         )
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class MeanFlowConfig:
+    """Settings of :class:`MeanFlowLoss` (paper defaults, ImageNet recipe) and its (s, t) sampler."""
+
+    ratio: float = field(default=0.25, metadata={"help": "fraction of rows with s != t"})
+    adaptive_p: float = field(default=1.0, metadata={"help": "adaptive loss weight power p (0: plain MSE)"})
+    adaptive_c: float = 1e-3
+    omega: float | None = field(default=None, metadata={"help": "CFG scale folded into training (null: off)"})
+    kappa: float = 0.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    tangents: str = field(default="correct", metadata={"help": "correct | end_time (wrong, an ablation)"})
+    jvp_mode: str = "auto"
+    reduction: str = "sum"
+    time_pairs: str = field(default="logit_normal", metadata={"help": "logit_normal | uniform (s, t) draws"})
+    time_mean: float = field(default=0.4, metadata={"help": "logit-normal mean, fewflow time (paper: -0.4)"})
+    time_std: float = 1.0
+
+
+def time_pairs(kind: str, mean: float = 0.4, std: float = 1.0) -> TimePairSampler:
+    """The (s, t) sampler by name: ``uniform`` or ``logit_normal`` (``mean``, ``std`` in fewflow time)."""
+    if kind == "uniform":
+        return TimePairSampler.uniform()
+    if kind == "logit_normal":
+        return TimePairSampler.logit_normal(mean, std)
+    raise unknown_name("time-pair sampler", kind, ("uniform", "logit_normal"))
+
+
+def _build_meanflow(cfg: MeanFlowConfig, ctx: BuildContext) -> list[Stage]:
+    loss = MeanFlowLoss(
+        path=ctx.path, source=ctx.source,
+        time_sampler=time_pairs(cfg.time_pairs, cfg.time_mean, cfg.time_std),
+        ratio=cfg.ratio, adaptive_p=cfg.adaptive_p, adaptive_c=cfg.adaptive_c, omega=cfg.omega,
+        kappa=cfg.kappa, interval=tuple(cfg.interval), tangents=cfg.tangents, jvp_mode=cfg.jvp_mode,
+        reduction=cfg.reduction, **ctx.conditioning(),
+    )
+    return [Stage("meanflow", loss)]
+
+
+MEANFLOW = register(MethodSpec(
+    name="meanflow",
+    label="MeanFlow",
+    paper="Geng et al., Mean Flows for One-step Generative Modeling (2505.13447)",
+    summary="average-velocity model u(x, s, t) trained from scratch with the JVP identity; 1-step sampling",
+    config=MeanFlowConfig,
+    loss=MeanFlowLoss,
+    build=_build_meanflow,
+    needs=Needs(model="flow_map", ddp_mode="allreduce"),
+    sampler=DefaultSampler("flow_map", nfe=1),
+    recipe_fields=("time_pairs", "time_mean", "time_std"),
+    small_scale={"time_pairs": "uniform", "ratio": 0.75, "adaptive_p": 0.0},
+    family="fewstep",
+))
+register_variant(
+    "meanflow_ratio0", MEANFLOW, label="ablation: MeanFlow 0% s!=t", ablation=True, ratio=0.0,
+    summary="MeanFlow with no s != t rows: plain flow matching, which collapses at 1 NFE",
+)
+register_variant(
+    "meanflow_wrong_tangents", MEANFLOW, label="ablation: MeanFlow wrong tangents", ablation=True,
+    tangents="end_time", summary="MeanFlow with the JVP tangent on the wrong time argument",
+)

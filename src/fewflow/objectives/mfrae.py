@@ -27,20 +27,30 @@ code put noise at t = 1). The student is a flow-map model ``u(x, s, t)``,
    (conditional) velocity ``v = x1 - x0`` instead of the teacher, to remove the teacher's bias.
 
 Defaults from the official code: (s, t) from two uniform draws shifted by ``sqrt(D/4096)`` (``shift``
-here; 1 = unshifted at toy scale), 1/4 of rows with ``s != t``, label dropout 0.1 when labels are given, no
-CFG. Sample in 1-2 steps with ``fewflow.solvers.solve(student, x0, steps=k)`` (flow-map jumps).
+here; 1 = unshifted at toy scale), sorted, 1/4 of rows with ``s != t``; the other 3/4 are boundary rows
+``s = t`` at the *start* draw ``s`` (the code sets ``r = t`` at its noise-side time, our ``s``); label
+dropout 0.1 when labels are given, no CFG. Sample in 1-2 steps with ``fewflow.solvers.solve(student, x0, steps=k)`` (flow-map jumps).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fewflow._validate import FewflowError, check_batch, check_finite, expand_like, unknown_name
+from fewflow.methods.registry import (
+    BuildContext,
+    DefaultSampler,
+    MethodSpec,
+    Needs,
+    Stage,
+    register,
+)
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
     SampledTimesObjective,
@@ -334,10 +344,16 @@ class MeanFlowDistillationLoss(SampledTimesObjective):
     def sample_times(
         self, n: int, like: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(s, t)``: the first ``round(ratio * n)`` rows keep ``s < t``, the others get ``s = t``."""
+        """``(s, t)``: the first ``round(ratio * n)`` rows keep ``s < t``; the others are boundary rows
+        ``t = s`` at the sampled *start* time.
+
+        The code (noise at t = 1) sorts ``r < t`` and sets ``r = t``: the boundary time is its larger,
+        noise-side draw ``t_paper``, which is fewflow's *smaller* draw ``s = 1 - t_paper``. So boundary rows
+        sit at ``min`` of the two draws (mean 1/3 for unshifted uniforms), as in :class:`MeanFlowLoss`.
+        """
         s, t = self.time_sampler.sample(n, device=like.device, dtype=like.dtype, generator=generator)
         keep = torch.arange(n, device=like.device) < int(round(self.ratio * n))
-        return torch.where(keep, s, t), t
+        return s, torch.where(keep, t, s)
 
     def velocity(self, x_s: Tensor, s: Tensor, x0: Tensor, x1: Tensor, cond: dict[str, Any]) -> Tensor:
         """The velocity ``v`` at ``x_s`` fed to the identity: the teacher's (MFD)."""
@@ -396,3 +412,58 @@ class MeanFlowBootstrapLoss(MeanFlowDistillationLoss):
     def velocity(self, x_s: Tensor, s: Tensor, x0: Tensor, x1: Tensor, cond: dict[str, Any]) -> Tensor:
         """The conditional (one-point) velocity ``x1 - x0``."""
         return (x1 - x0).detach()
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class MFRAEConfig:
+    """The MF-RAE recipe: consistency mid-training (CMT) on teacher trajectories, then MeanFlow
+    distillation (MFD) with the finite-difference target. Loss settings are the authors' defaults."""
+
+    cmt_share: float = field(default=0.5, metadata={"help": "fraction of the budget spent in CMT"})
+    cmt_steps: int = field(default=16, metadata={"help": "teacher ODE steps of a CMT trajectory"})
+    cmt_stepper: str = "euler"
+    pairs_per_trajectory: int = 8
+    delta: float = field(default=0.005, metadata={"help": "MFD finite-difference step"})
+    ratio: float = 0.25
+    shift: float = 1.0
+    adaptive_p: float = 1.0
+    adaptive_c: float = 1e-3
+    square: bool = True
+    reduction: str = "sum"
+
+
+def _build_mfrae(cfg: MFRAEConfig, ctx: BuildContext) -> list[Stage]:
+    teacher = ctx.need_teacher("mfrae")
+    if not 0.0 <= cfg.cmt_share < 1.0:
+        raise FewflowError(f"cmt_share must lie in [0, 1), got {cfg.cmt_share}")
+    cmt = ConsistencyMidTrainingLoss(
+        teacher, steps=cfg.cmt_steps, stepper=cfg.cmt_stepper, pairs_per_trajectory=cfg.pairs_per_trajectory,
+        source=ctx.source, **ctx.conditioning(),
+    )
+    mfd = MeanFlowDistillationLoss(
+        teacher, delta=cfg.delta, ratio=cfg.ratio, shift=cfg.shift, adaptive_p=cfg.adaptive_p,
+        adaptive_c=cfg.adaptive_c, square=cfg.square, reduction=cfg.reduction, path=ctx.path,
+        source=ctx.source,
+        **ctx.conditioning(),
+    )
+    stages = [Stage("cmt", cmt, share=cfg.cmt_share, batch_divisor=cfg.pairs_per_trajectory)]
+    stages = stages if cfg.cmt_share else []
+    return [*stages, Stage("mfd", mfd, share=1.0 - cfg.cmt_share)]
+
+
+register(MethodSpec(
+    name="mfrae",
+    label="MF-RAE (CMT->MFD)",
+    paper="Hu et al., MeanFlow Transformers with Representation Autoencoders (MF-RAE, 2511.13019)",
+    summary="consistency mid-training on teacher trajectories, then MeanFlow distillation",
+    config=MFRAEConfig,
+    loss=MeanFlowDistillationLoss,
+    build=_build_mfrae,
+    needs=Needs(teacher="required", model="flow_map", init_from_teacher=True, ddp_mode="allreduce"),
+    sampler=DefaultSampler("flow_map", nfe=1),
+    recipe_fields=("cmt_share", "cmt_steps", "cmt_stepper", "pairs_per_trajectory"),
+    family="fewstep",
+))

@@ -27,12 +27,22 @@ both run the teacher's deterministic sampler through ``fewflow.solvers.solve``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape, unknown_name
+from fewflow.methods.registry import (
+    BuildContext,
+    DefaultSampler,
+    MethodSpec,
+    Needs,
+    SamplingPlan,
+    Stage,
+    register,
+)
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import drop_labels
 from fewflow.objectives.time_samplers import TimeSampler, UniformTime
@@ -222,3 +232,57 @@ class RectifiedDiffusionLoss:
             f"RectifiedDiffusionLoss({self.path!r}, prediction={self.prediction!r}, loss={self.loss!r}, "
             f"space={self.space!r})"
         )
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class RectifiedDiffusionConfig:
+    """Settings of :class:`RectifiedDiffusionLoss` and the pair set. ``prediction`` must be the teacher's
+    parameterisation (fewflow's runs train velocities); the loss, its space and ``huber_c`` are the
+    authors' code defaults."""
+
+    prediction: str = field(default="velocity", metadata={"help": "the teacher output: velocity|epsilon|x1"})
+    loss: str = field(default="huber", metadata={"help": "huber (pseudo-Huber) or mse"})
+    huber_c: float = 1e-3
+    space: str = field(default="x1", metadata={"help": "x1 (data space) or prediction"})
+    n_pairs: int = field(default=50_000, metadata={"help": "teacher pairs"})
+    pair_steps: int = field(default=50, metadata={"help": "Heun steps of the teacher ODE per pair"})
+
+
+def _build_rd(cfg: RectifiedDiffusionConfig, ctx: BuildContext) -> list[Stage]:
+    from fewflow.couplings.reflow import reflow_batches
+
+    teacher = ctx.need_teacher("rectified_diffusion")
+    assert ctx.pairs is not None
+    loss = RectifiedDiffusionLoss(
+        ctx.path, prediction=cfg.prediction, loss=cfg.loss, huber_c=cfg.huber_c, space=cfg.space,
+        time_sampler=ctx.time_sampler, **ctx.conditioning(),
+    )
+
+    def data(model: Any, batch_size: int) -> Any:
+        folder = ctx.pairs(teacher, tag="teacher", n=cfg.n_pairs, steps=cfg.pair_steps, seed=ctx.seed)
+        return reflow_batches(folder, batch_size, ctx.seed)
+
+    return [Stage("rectified_diffusion", loss, data, pair_sets=1)]
+
+
+def _sampling_rd(model: Any, cfg: RectifiedDiffusionConfig, *, path: Any, **_: Any) -> SamplingPlan:
+    return SamplingPlan(model, FirstOrderStep(path, cfg.prediction))
+
+
+register(MethodSpec(
+    name="rectified_diffusion",
+    label="Rectified Diffusion",
+    paper="Wang et al., Rectified Diffusion: Straightness Is Not Your Need in Rectified Flow (2410.07303)",
+    summary="rectify a teacher on its own pairs in its own parameterisation; first-order (DDIM) sampler",
+    config=RectifiedDiffusionConfig,
+    loss=RectifiedDiffusionLoss,
+    build=_build_rd,
+    needs=Needs(teacher="required", init_from_teacher=True, pairs=True, coupling="fixed"),
+    sampler=DefaultSampler("euler", nfe=2),
+    sampling=_sampling_rd,
+    recipe_fields=("n_pairs", "pair_steps"),
+    family="fewstep",
+))

@@ -21,12 +21,21 @@ prediction ``teacher(x_t, t, **cond)`` (distillation, as the paper does for its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fewflow._validate import FewflowError, expand_like, unknown_name
+from fewflow.methods.registry import (
+    BuildContext,
+    DefaultSampler,
+    MethodSpec,
+    Needs,
+    Stage,
+    register,
+)
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.common import (
     SampledTimesObjective,
@@ -165,3 +174,39 @@ class SplitMeanFlowLoss(SampledTimesObjective):
             f"SplitMeanFlowLoss(boundary_fraction={self.boundary_fraction:g}, "
             f"time_sampler={self.time_sampler!r}, teacher={'yes' if self.teacher is not None else 'no'})"
         )
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class SplitMeanFlowConfig:
+    """Settings of :class:`SplitMeanFlowLoss` (paper defaults)."""
+
+    boundary_fraction: float = field(default=0.5, metadata={"help": "fraction of rows with s = t"})
+    adaptive_p: float = 0.0
+    adaptive_c: float = 1e-3
+    reduction: str = "sum"
+
+
+def _build_split(cfg: SplitMeanFlowConfig, ctx: BuildContext) -> list[Stage]:
+    loss = SplitMeanFlowLoss(
+        path=ctx.path, source=ctx.source, teacher=ctx.teacher, boundary_fraction=cfg.boundary_fraction,
+        adaptive_p=cfg.adaptive_p, adaptive_c=cfg.adaptive_c, reduction=cfg.reduction, **ctx.conditioning(),
+    )
+    return [Stage("splitmeanflow", loss)]
+
+
+register(MethodSpec(
+    name="splitmeanflow",
+    label="SplitMeanFlow",
+    paper="Guo et al., SplitMeanFlow: Interval Splitting Consistency in Few-Step Generative Modeling "
+    "(2507.16884)",
+    summary="interval-splitting consistency of u(s, t); with --teacher the boundary is distilled",
+    config=SplitMeanFlowConfig,
+    loss=SplitMeanFlowLoss,
+    build=_build_split,
+    needs=Needs(teacher="optional", model="flow_map", init_from_teacher=True),
+    sampler=DefaultSampler("flow_map", nfe=1),
+    family="fewstep",
+))

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError
+from fewflow._validate import FewflowError, unknown_name
+from fewflow.solvers.grids import shift_time
 
 
 def _draw(
@@ -86,18 +87,6 @@ class LogitNormalTime(TimeSampler):
         return f"LogitNormalTime(mean={self.mean:g}, std={self.std:g})"
 
 
-def shift_time(t: Tensor, shift: float) -> Tensor:
-    """SD3's timestep shift in fewflow time: with noise level ``sigma = 1 - t``,
-
-        sigma' = shift * sigma / (1 + (shift - 1) * sigma),     t' = 1 - sigma'.
-
-    ``shift > 1`` moves times toward the noise (t = 0), as SD3 does for high resolutions
-    ("Scaling Rectified Flow Transformers for High-Resolution Image Synthesis", Esser et al. 2024).
-    """
-    sigma = 1.0 - t
-    return 1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma)
-
-
 class ShiftedTime(TimeSampler):
     """A base sampler followed by the SD3 timestep shift :func:`shift_time` (``shift = 1``: unchanged)."""
 
@@ -114,3 +103,26 @@ class ShiftedTime(TimeSampler):
 
     def __repr__(self) -> str:
         return f"ShiftedTime({self.base!r}, shift={self.shift:g})"
+
+
+def _shifted(shift: float, **kw: float) -> ShiftedTime:
+    return ShiftedTime(UniformTime(**kw), shift)
+
+
+#: training time samplers by name (``objective.time_sampler`` of a run config)
+TIME_SAMPLERS: dict[str, type | object] = {
+    "uniform": UniformTime,
+    "logit_normal": LogitNormalTime,
+    "shifted": _shifted,
+}
+
+
+def get_time_sampler(name: str, **kw: float) -> TimeSampler:
+    """A training time sampler by name: ``uniform`` (``lo``, ``hi``), ``logit_normal`` (``mean``, ``std``),
+    ``shifted`` (``shift``: SD3's shift of uniform times)."""
+    if name not in TIME_SAMPLERS:
+        raise unknown_name("time sampler", str(name), TIME_SAMPLERS)
+    try:
+        return TIME_SAMPLERS[name](**kw)  # type: ignore[operator]
+    except TypeError as e:
+        raise FewflowError(f"bad arguments for time sampler {name!r}: {e}") from None

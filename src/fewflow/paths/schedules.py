@@ -339,6 +339,7 @@ _SCHEDULES: dict[str, type[Schedule]] = {
     "vp": VPSchedule,
     "polynomial": PolynomialSchedule,
 }
+SCHEDULES = tuple(_SCHEDULES)
 _ALIASES = {"condot": "linear", "rectified_flow": "linear", "ot": "linear", "trig": "cosine"}
 
 

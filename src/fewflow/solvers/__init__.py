@@ -3,7 +3,17 @@
 Time runs from t = 0 (source) to t = 1 (data); a decreasing grid integrates backwards (inversion).
 """
 
-from fewflow.solvers.grids import as_grid, edm_grid, logsnr_grid, shift_time, shifted_grid, uniform_grid
+from fewflow.solvers.budget import STEPPER_NAMES, nfe_per_step, stepper_for_nfe, steps_for_nfe
+from fewflow.solvers.grids import (
+    GRIDS,
+    as_grid,
+    edm_grid,
+    get_grid,
+    logsnr_grid,
+    shift_time,
+    shifted_grid,
+    uniform_grid,
+)
 from fewflow.solvers.likelihood import log_likelihood
 from fewflow.solvers.loop import SolveResult, solve, solve_adaptive
 from fewflow.solvers.steppers import (
@@ -20,6 +30,12 @@ from fewflow.solvers.steppers import (
 )
 
 __all__ = [
+    "GRIDS",
+    "STEPPER_NAMES",
+    "get_grid",
+    "nfe_per_step",
+    "stepper_for_nfe",
+    "steps_for_nfe",
     "uniform_grid",
     "shifted_grid",
     "shift_time",
@@ -48,6 +64,6 @@ __all__ = [
     "flowturbo_sample",
 ]
 
-# method modules last: they build on the names above (and boss refinement reaches into objectives)
+# method modules last: they build on the names above
 from fewflow.solvers.boss import BossSchedule, bellman_schedule, boss_cost_matrix, boss_schedule
 from fewflow.solvers.flowturbo import FlowTurboStepper, flowturbo_sample

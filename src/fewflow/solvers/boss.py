@@ -39,12 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError, as_batch_time, check_batch, check_finite
-from fewflow.objectives.boss_refine import BossSegments
+from fewflow._io import atomic_write_json
+from fewflow._validate import FewflowError, as_batch_time, check_batch, check_finite, check_same_shape
 from fewflow.solvers.grids import uniform_grid
 
 __all__ = [
     "BossReference",
+    "BossSegments",
     "BossSchedule",
     "bellman_schedule",
     "bellman_schedule_bruteforce",
@@ -53,6 +54,37 @@ __all__ = [
     "boss_schedule",
     "boss_segments",
 ]
+
+
+@dataclass
+class BossSegments:
+    """Stored reference segments: row ``m`` is one jump ``x_start[m] (at t_start[m]) -> x_end[m]
+    (at t_end[m])`` of a reference trajectory; ``cond`` holds per-row conditioning (e.g. ``y``)."""
+
+    x_start: Tensor
+    x_end: Tensor
+    t_start: Tensor
+    t_end: Tensor
+    cond: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_same_shape("x_start", self.x_start, "x_end", self.x_end)
+        m = self.x_start.shape[0]
+        for name, t in (("t_start", self.t_start), ("t_end", self.t_end)):
+            if t.shape != (m,):
+                raise FewflowError(f"{name} must have shape ({m},) to match x_start, got {tuple(t.shape)}")
+        if bool((self.t_end <= self.t_start).any()):
+            raise FewflowError("every segment needs t_end > t_start (time runs from source 0 to data 1)")
+
+    def __len__(self) -> int:
+        return int(self.x_start.shape[0])
+
+    def select(self, idx: Tensor) -> BossSegments:
+        """The rows ``idx`` (a LongTensor), conditioning included."""
+        n = len(self)
+        cond = {k: (v[idx] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v)
+                for k, v in self.cond.items()}
+        return BossSegments(self.x_start[idx], self.x_end[idx], self.t_start[idx], self.t_end[idx], cond)
 
 
 @dataclass
@@ -107,12 +139,7 @@ class BossSchedule:
 
     def save(self, path: str | Path) -> Path:
         """Write the schedule as JSON (e.g. ``boss_K4.json`` beside a checkpoint)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, path: str | Path) -> BossSchedule:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError
 
-__all__ = ["uniform_grid", "shifted_grid", "edm_grid", "logsnr_grid", "as_grid", "shift_time"]
+__all__ = ["GRIDS", "get_grid", "uniform_grid", "shifted_grid", "edm_grid", "logsnr_grid", "as_grid", "shift_time"]
 
 
 def _check_steps(n: int) -> int:
@@ -169,3 +169,33 @@ def logsnr_grid(
     if t0 > t1:
         g = g.flip(0)
     return as_grid(g)
+
+
+#: time grids by name (``fewflow sample --grid``); ``boss`` is fitted to a model (``fewflow.solvers.boss``)
+GRIDS = ("uniform", "shift", "edm", "logsnr", "boss")
+
+
+def get_grid(name: str, steps: int, *, schedule: Any = None, **kw: Any) -> Tensor:
+    """The ``steps``-step time grid ``name`` from t = 0 to t = 1: ``uniform``; ``shift`` (SD3's shift,
+    ``shift=3``); ``edm`` (Karras et al.'s rho-spacing, ``rho=7``, starting at t = 0; uniform for one
+    step); ``logsnr`` (uniform in the log-SNR of ``schedule``, default linear). ``boss`` depends on the
+    model: build it with :func:`fewflow.solvers.boss.boss_schedule` and pass the grid itself."""
+    steps = _check_steps(steps)
+    if name == "uniform":
+        return uniform_grid(steps)
+    if name == "shift":
+        return shifted_grid(steps, float(kw.get("shift", 3.0)))
+    if name == "edm":
+        rho = {"rho": float(kw["rho"])} if "rho" in kw else {}
+        return edm_grid(steps, start_at_zero=True, **rho) if steps >= 2 else uniform_grid(1)
+    if name == "logsnr":
+        if schedule is None:
+            from fewflow.paths.schedules import LinearSchedule
+
+            schedule = LinearSchedule()
+        return logsnr_grid(steps, schedule)
+    if name == "boss":
+        raise FewflowError("the BOSS grid is fitted to a model: use fewflow.solvers.boss.boss_schedule")
+    from fewflow._validate import unknown_name
+
+    raise unknown_name("time grid", str(name), GRIDS)

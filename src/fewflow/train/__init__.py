@@ -27,9 +27,12 @@ from fewflow.train.config import TrainConfig, TrainResult
 from fewflow.train.distributed import DistInfo, init_distributed
 from fewflow.train.ema import EMA
 from fewflow.train.schedules import lr_factor, make_scheduler
+from fewflow.train.stages import StageRecord, train_stages
 from fewflow.train.trainer import Trainer, resolve_device
 
 __all__ = [
+    "StageRecord",
+    "train_stages",
     "EMA",
     "BatchSource",
     "Checkpoint",

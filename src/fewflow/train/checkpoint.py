@@ -15,7 +15,8 @@ Nested states (an optimiser ``state_dict()``, RNG states, ...) are flattened by 
 tensor goes into the safetensors file under a path-like key and the rest of the structure stays JSON, with
 ``{"__tensor__": key}`` where a tensor was. Nothing is ever unpickled. A folder is first written under a
 temporary name and then moved into place with ``os.replace``; ``latest`` is replaced the same way, so a run
-killed at any moment leaves the previous checkpoint intact.
+killed at any moment leaves the previous checkpoint intact; the temps such a kill leaves are removed by the
+next :func:`save_checkpoint` into the same folder (see :mod:`fewflow._io`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fewflow._io import atomic_path, atomic_write_text, clean_stale_temps, sha256_file
 from fewflow._validate import FewflowError
 
 FORMAT = "fewflow-checkpoint"
@@ -162,46 +163,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _canonical(d: Any) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _state_dict_cpu(module: nn.Module) -> dict[str, Tensor]:
@@ -223,7 +186,7 @@ def write_run_config(run_dir: str | os.PathLike, run_config: dict | None, train_
     except TypeError as e:
         raise FewflowError(f"run_config must be JSON-serialisable: {e}") from None
     path = run_dir / CONFIG_FILE
-    _write_text_atomic(path, text + "\n")
+    atomic_write_text(path, text + "\n")
     return path
 
 
@@ -300,6 +263,7 @@ def save_checkpoint(
         raise FewflowError(f"keep_last must be a non-negative int, got {keep_last!r}")
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(run_dir)  # temps of an earlier writer that was killed mid-save
     if train_config is not None or not (run_dir / CONFIG_FILE).exists():
         write_run_config(run_dir, run_config, train_config)
 
@@ -324,15 +288,15 @@ def save_checkpoint(
     files["train_state.safetensors"] = tensors_state
 
     final = run_dir / f"ckpt-{step}"
-    tmp = run_dir / f".tmp-ckpt-{step}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    # the folder is written under a temp name and renamed into place (replacing a folder of the same step,
+    # e.g. after a resume); a crash anywhere leaves the previous checkpoints and ``latest`` as they were
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
         file_meta = {}
         for fname, tensors in files.items():
             fpath = tmp / fname
             save_file(tensors, str(fpath))
-            _fsync_file(fpath)
-            file_meta[fname] = {"sha256": _sha256(fpath), "bytes": fpath.stat().st_size}
+            file_meta[fname] = {"sha256": sha256_file(fpath), "bytes": fpath.stat().st_size}
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -344,21 +308,7 @@ def save_checkpoint(
         meta["meta_sha256"] = hashlib.sha256(_canonical(meta)).hexdigest()
         with open(tmp / META_FILE, "w") as f:
             json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
-            trash = run_dir / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
-    _fsync_dir(run_dir)
+    atomic_write_text(run_dir / LATEST_FILE, final.name + "\n")
     if keep_last > 0:
         for _s, p in list_checkpoints(run_dir)[:-keep_last]:
             if p != final:
@@ -442,7 +392,7 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike) -> Checkpoint:
         size = fpath.stat().st_size
         if size != info["bytes"]:
             raise _corrupt(ckpt, f"{fname} has {size} bytes, expected {info['bytes']} (truncated?)")
-        digest = _sha256(fpath)
+        digest = sha256_file(fpath)
         if digest != info["sha256"]:
             raise _corrupt(ckpt, f"sha256 of {fname} is {digest[:12]}..., expected {info['sha256'][:12]}...")
         try:

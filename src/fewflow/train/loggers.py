@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fewflow._io import atomic_path
+
 
 def _parse(v: str) -> float | int | str | None:
     if v == "":
@@ -53,13 +55,11 @@ class CSVLog:
     def _rewrite(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
             for r in self.rows:
                 w.writerow({k: r.get(k, "") for k in self.columns})
-        os.replace(tmp, self.path)
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(dict(row))

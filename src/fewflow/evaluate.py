@@ -1,0 +1,204 @@
+"""The one evaluation harness: sample quality against held-out data, next to the two-sample floor.
+
+Used by ``fewflow eval``, the benchmarks and the demo, with one set of metric keys chosen from the data:
+
+* vectors (2-D toys): ``sliced_w2`` (Bonneel et al., "Sliced and Radon Wasserstein Barycenters of
+  Measures"; 512 fixed projections), ``mmd`` (squared MMD with an RBF kernel of median bandwidth,
+  Gretton et al., "A Kernel Two-Sample Test") and ``energy`` (Szekely & Rizzo); the kernel metrics use at
+  most 2000 points per set (they cost O(n^2) memory);
+* images: ``fd``, the Frechet distance in the features of fewflow's classifier for the data set (8x8
+  digits or 28x28 MNIST; never called FID), and ``accuracy``, that classifier's agreement with the
+  intended labels of class-conditional samples. Samples are clamped to the data range [-1, 1].
+
+The *floor* is the same metric between two independent real draws of the same size: the best score a
+perfect model can reach with this many samples. ``ratio`` = metric / floor (1 is perfect).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewflow._validate import FewflowError
+from fewflow.config import RunConfig
+
+__all__ = ["KERNEL_POINTS", "evaluate_run", "format_table", "metric_names", "primary_metric", "score"]
+
+KERNEL_POINTS = 2000
+IMAGE_METRIC_SETS = ("digits", "mnist")
+
+
+def primary_metric(shape: Sequence[int]) -> str:
+    """The headline metric for data of this shape: ``sliced_w2`` for vectors, ``fd`` for images."""
+    return "sliced_w2" if len(shape) == 1 else "fd"
+
+
+def metric_names(shape: Sequence[int], labelled: bool = False) -> list[str]:
+    """The metric keys :func:`score` returns for data of this shape."""
+    if len(shape) == 1:
+        return ["sliced_w2", "mmd", "energy"]
+    return ["fd", "accuracy"] if labelled else ["fd"]
+
+
+def _image_set(dataset: str | None, x: Tensor) -> str:
+    if dataset in IMAGE_METRIC_SETS:
+        return str(dataset)
+    side = int(x.shape[-1])
+    for name, s in (("digits", 8), ("mnist", 28)):
+        if side == s:
+            return name
+    raise FewflowError(
+        f"no image metric for {tuple(x.shape[1:])} images (fewflow scores 8x8 digits and 28x28 MNIST)"
+    )
+
+
+def score(
+    x: Tensor, ref: Tensor, *, dataset: str | None = None, y: Tensor | None = None, seed: int = 0
+) -> dict[str, float]:
+    """Metrics of samples ``x`` against real ``ref`` (module docstring); non-finite samples score ``inf``
+    (and accuracy 0)."""
+    from fewflow.metrics import classifier_accuracy, energy_distance, fd_features, mmd_rbf, sliced_wasserstein
+
+    x = x.detach().to("cpu", torch.float32)
+    ref = ref.detach().to("cpu", torch.float32)
+    shape = tuple(x.shape[1:])
+    if not bool(torch.isfinite(x).all()):
+        out = {k: math.inf for k in metric_names(shape, y is not None)}
+        if "accuracy" in out:
+            out["accuracy"] = 0.0
+        return out
+    if len(shape) == 1:
+        m = min(KERNEL_POINTS, x.shape[0], ref.shape[0])
+        g = torch.Generator().manual_seed(seed + 17)  # the same projections for every row of a table
+        return {
+            "sliced_w2": sliced_wasserstein(x, ref, n_proj=512, generator=g),
+            "mmd": mmd_rbf(x[:m], ref[:m]),
+            "energy": energy_distance(x[:m], ref[:m]),
+        }
+    name = _image_set(dataset, x)
+    x = x.clamp(-1.0, 1.0)
+    out = {"fd": fd_features(x, ref, dataset=name)}
+    if y is not None:
+        out["accuracy"] = classifier_accuracy(x, y.cpu(), dataset=name)
+    return out
+
+
+def _straightness(traj: Tensor | None, times: Tensor) -> float | None:
+    if traj is None:
+        return None
+    from fewflow.metrics import straightness
+
+    return float(straightness(traj, times))
+
+
+def evaluate_run(
+    model: Any,
+    cfg: RunConfig,
+    nfes: Sequence[int] = (1, 2, 4, 8, 100),
+    steppers: Sequence[str] | None = None,
+    *,
+    grid: str | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    samples: dict[tuple[str, int], Tensor] | None = None,
+) -> dict[str, Any]:
+    """Sample ``n`` points at each (stepper, NFE) with :func:`fewflow.sampling.generate` and score them
+    against fresh real data. Returns ``{"data", "method", "n", "metrics", "primary", "floor", "results":
+    [{"solver", "nfe", "steps", <metric>: value, "ratio", "straightness", "wall_time_s"}, ...]}``. A stepper
+    whose one step costs more than an NFE budget is skipped for it. ``samples`` (a dict) receives the
+    samples under ``(solver, nfe)``."""
+    from fewflow.runs import build_data
+    from fewflow.sampling import generate
+    from fewflow.solvers import steps_for_nfe
+
+    shape = list(cfg.meta.get("shape", []))
+    is_vec = len(shape) == 1
+    n = n if n is not None else (10_000 if is_vec else 2000)
+    if not isinstance(n, int) or n < 2:
+        raise FewflowError(f"number of evaluation samples must be an integer >= 2, got {n!r}")
+    from fewflow.methods import get_method
+
+    spec = get_method(cfg.method_name)
+    steppers = list(steppers) if steppers else [cfg.sampler.stepper or spec.sampler.stepper]
+    conditional = bool(cfg.meta.get("conditional"))
+    names = metric_names(shape, conditional)
+    primary = primary_metric(shape)
+    say = log or (lambda _m: None)
+
+    if is_vec:  # a reference set and, for the floor, a second independent one of the same size
+        base_seed = cfg.data.seed + 10_000 + seed
+        ref = build_data(cfg, n=n, seed=base_seed).x
+        ref2 = build_data(cfg, n=n, seed=base_seed + 1).x
+        ref2_y = None
+    else:
+        real = build_data(cfg, n=None)
+        if real.x.shape[0] < 2 * n:
+            n = real.x.shape[0] // 2
+        perm = torch.randperm(real.x.shape[0], generator=torch.Generator().manual_seed(seed))
+        ref, ref2 = real.x[perm[:n]], real.x[perm[n : 2 * n]]
+        ref2_y = real.y[perm[n : 2 * n]] if (conditional and real.y is not None) else None
+    floor = score(ref2, ref, dataset=cfg.data.name, y=ref2_y, seed=seed)
+    say(f"two-sample floor ({n} vs {n}): " + ", ".join(f"{k} {v:.4g}" for k, v in floor.items()))
+
+    rows: list[dict[str, Any]] = []
+    for stepper in steppers:
+        for nfe in nfes:
+            try:
+                steps = steps_for_nfe(stepper, int(nfe))
+            except FewflowError:
+                continue
+            gen = torch.Generator().manual_seed(seed)
+            label = torch.arange(n) % int(cfg.meta["num_classes"]) if conditional else None
+            t0 = time.perf_counter()
+            res = generate(model, cfg, n, nfe=int(nfe), stepper=stepper, grid=grid, label=label,
+                           generator=gen, trajectory=is_vec, progress=progress, check_finite=False)
+            wall = time.perf_counter() - t0
+            x = res.x.detach().to("cpu", torch.float32)
+            if samples is not None:
+                samples[(stepper, int(res.nfe))] = x
+            row: dict[str, Any] = {"solver": stepper, "nfe": int(res.nfe), "steps": steps}
+            row.update(score(x, ref, dataset=cfg.data.name, y=label, seed=seed))
+            row["ratio"] = row[primary] / floor[primary] if floor[primary] > 0 else None
+            row["straightness"] = _straightness(res.trajectory, res.times)
+            row["wall_time_s"] = wall
+            rows.append(row)
+            ratio = f" (x{row['ratio']:.2f} floor)" if row["ratio"] is not None else ""
+            say(f"  {stepper:>9} NFE {res.nfe:>3}: {primary} {row[primary]:.4g}{ratio}, {wall:.2f} s")
+    if not rows:
+        raise FewflowError(f"no (solver, NFE) pair could run: solvers {steppers}, NFE {list(nfes)}")
+    return {
+        "data": cfg.data.name,
+        "method": cfg.method_name,
+        "n": n,
+        "metrics": names,
+        "primary": primary,
+        "floor": floor,
+        "results": rows,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A Markdown table of :func:`evaluate_run`'s result, with the floor as the last row."""
+    names = list(report["metrics"])
+    rows = report["results"]
+    extra = [k for k in ("straightness", "wall_time_s") if any(r.get(k) is not None for r in rows)]
+    head = ["solver", "NFE", *names, f"{report['primary']} / floor", *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    for r in report["results"]:
+        cells = [r["solver"], r["nfe"], *[r.get(k) for k in names], r["ratio"], *[r.get(k) for k in extra]]
+        lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
+    floor = report["floor"]
+    cells = ["two-sample floor", "-", *[floor.get(k) for k in names], 1.0, *[None for _ in extra]]
+    lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,366 @@
+"""Run folders: train a :class:`~fewflow.config.RunConfig` into a folder, and load it back.
+
+A run folder holds ``config.json`` (``{"run_config": ..., "train_config": ...}``, written only by
+:func:`fewflow.train.checkpoint.write_run_config`), checkpoints ``ckpt-*/`` (safetensors + JSON, a
+``latest`` pointer), ``log.csv``, figures, and -- for methods with several stages -- ``stages/``; methods
+trained on teacher pairs keep them in ``pairs/``. Everything sampling needs (data shape, classes, value
+range, a fitted source scale or time grid) is in ``run_config.meta``, so sampling never reloads the data.
+
+One training run::
+
+    cfg = default_config("moons", method="meanflow")
+    train_run(cfg, "runs/mf")          # data -> meta -> model -> method stages -> Trainer
+    model, cfg = load_run("runs/mf")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewflow._validate import FewflowError
+from fewflow.config import RunConfig, model_type
+from fewflow.methods import BuildContext, MethodSpec, get_method
+
+__all__ = [
+    "build_context",
+    "build_data",
+    "build_model",
+    "build_path",
+    "build_source",
+    "data_meta",
+    "load_run",
+    "load_teacher",
+    "read_run_folder",
+    "resolve_model_config",
+    "train_run",
+]
+
+
+# --------------------------------------------------------------------------- ingredients
+
+
+def build_data(cfg: RunConfig, *, n: int | None = None, seed: int | None = None) -> Any:
+    """The run's data set (``fewflow.data.load_dataset``); ``n`` / ``seed`` override the config (a fresh
+    reference sample for evaluation)."""
+    from fewflow.data import load_dataset
+
+    d = cfg.data
+    return load_dataset(d.name, n=d.n if n is None else n, seed=d.seed if seed is None else seed, **d.kwargs)
+
+
+def data_meta(data: Any, cfg: RunConfig) -> dict[str, Any]:
+    """What sampling needs to know about the data without loading it."""
+    vr = getattr(data, "value_range", None)
+    k = getattr(data, "num_classes", None)
+    if cfg.objective.conditional and not k:
+        raise FewflowError(f"data set {cfg.data.name!r} has no labels for a conditional model")
+    return {
+        "shape": list(data.x.shape[1:]),
+        "num_classes": k,
+        "conditional": bool(cfg.objective.conditional),
+        "value_range": list(vr) if vr is not None else None,
+    }
+
+
+def _meta(cfg: RunConfig) -> dict[str, Any]:
+    if not cfg.meta.get("shape"):
+        raise FewflowError("the run config has no data shape (meta.shape): was it trained?")
+    return cfg.meta
+
+
+def build_path(cfg: RunConfig) -> Any:
+    """``AffinePath(get_schedule(objective.path, **objective.path_kwargs))``."""
+    from fewflow.paths import AffinePath, get_schedule
+
+    return AffinePath(get_schedule(cfg.objective.path, **cfg.objective.path_kwargs))
+
+
+def build_source(cfg: RunConfig, data: Any | None = None) -> Any:
+    """The source x0, or ``None`` for N(0, I). ``gaussian`` with ``scale``: ``GaussianSource``;
+    ``norm_aligned``: fitted to ``data`` (``NormAlignedGaussian.fit``), or the scale stored in the run."""
+    name, kw = cfg.objective.source, dict(cfg.objective.source_kwargs)
+    if name == "gaussian" and not kw:
+        return None
+    from fewflow.sources import GaussianSource, NormAlignedGaussian
+
+    shape = tuple(data.x.shape[1:]) if data is not None else tuple(_meta(cfg)["shape"])
+    try:
+        if name == "gaussian":
+            return GaussianSource(shape, **kw)
+        scale = cfg.meta.get("source_scale") if data is None else None
+        if scale is not None:
+            return NormAlignedGaussian(shape, scale=float(scale))
+        if data is None:
+            raise FewflowError("the norm-aligned source is fitted to data: pass the data set")
+        return NormAlignedGaussian.fit(data.x, **kw)
+    except TypeError as e:
+        raise FewflowError(f"bad arguments for source {name!r}: {e}") from None
+
+
+def resolve_model_config(cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The run's model config with the data-dependent entries filled in: ``dim`` (MLP) or
+    ``in_channels`` + ``size`` (image networks), ``num_classes`` when conditional, ``flow_map`` (with
+    low-frequency Fourier time features for an MLP) for flow-map methods."""
+    shape = list(meta["shape"])
+    m = dict(cfg.model)
+    m["type"] = model_type(m.get("type", "MLP"))
+    if m["type"] == "MLP":
+        m.setdefault("dim", int(math.prod(shape)))
+    else:
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise FewflowError(f"model {m['type']!r} needs square images (C, H, W), got shape {tuple(shape)}")
+        m.setdefault("in_channels", int(shape[0]))
+        m.setdefault("size", int(shape[1]))
+    if meta.get("conditional"):
+        m.setdefault("num_classes", int(meta["num_classes"]))
+    if get_method(cfg.method_name).flow_map:
+        m.setdefault("flow_map", True)
+        if m["type"] == "MLP":
+            # high-frequency time features blow up d u / d t of a flow map: a few low Fourier frequencies
+            m.setdefault("time_features", "fourier")
+            m.setdefault("num_frequencies", 3)
+    return m
+
+
+def build_model(cfg: RunConfig, meta: dict[str, Any] | None = None) -> nn.Module:
+    """The run's network: the method's own (``make_model``) or ``fewflow.models.build_model``."""
+    meta = meta if meta is not None else _meta(cfg)
+    spec = get_method(cfg.method_name)
+    if spec.needs.model == "custom":
+        assert spec.make_model is not None
+        return spec.make_model(spec.make_config(cfg.method), meta)
+    from fewflow.models import build_model as build
+
+    m = resolve_model_config(cfg, meta)
+    try:
+        return build(m)
+    except FewflowError:
+        raise
+    except TypeError as e:
+        raise FewflowError(f"bad model settings for {m['type']!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_run_folder(run_dir: str | Path) -> RunConfig:
+    """The :class:`RunConfig` stored in ``run_dir/config.json``."""
+    import json
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FewflowError(f"run folder not found: {run_dir}")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FewflowError(f"{run_dir} is not a fewflow run folder (no config.json)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FewflowError(f"{path} is corrupt: {e}") from None
+    if not isinstance(doc, dict):
+        raise FewflowError(f"{path} is corrupt: expected a JSON object")
+    rc = doc.get("run_config", doc)
+    if not isinstance(rc, dict) or not rc:
+        raise FewflowError(f"{path} holds no fewflow run config (was it written by another tool?)")
+    rc = dict(rc)
+    tc = doc.get("train_config")
+    if isinstance(tc, dict):
+        rc["train"] = {**tc, **(rc.get("train") or {})}
+    try:
+        return RunConfig.from_dict(rc)
+    except FewflowError as e:
+        raise FewflowError(f"{path}: {e}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_run(
+    run_dir: str | Path, which: str = "ema", device: str | torch.device | None = None
+) -> tuple[nn.Module, RunConfig]:
+    """Load a trained run: ``(model in eval mode, RunConfig)``; any problem (missing folder, corrupt
+    checkpoint, a config describing another model) becomes one :class:`FewflowError`."""
+    from fewflow.train.checkpoint import load_model
+
+    run_dir = Path(run_dir)
+    cfg = read_run_folder(run_dir)
+    try:
+        model, _ = load_model(run_dir, which=which, build_model=lambda _m: build_model(cfg),
+                              map_location=device)
+    except FewflowError as e:
+        raise FewflowError(f"cannot load the model of {run_dir}: {_one_line(e)}") from e
+    except Exception as e:  # safetensors / torch load_state_dict / JSON errors
+        raise FewflowError(f"cannot load the checkpoint in {run_dir}: {_one_line(e)}") from e
+    model.eval()
+    return model, cfg
+
+
+def load_teacher(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, RunConfig]:
+    """A trained velocity run as a frozen teacher (EMA weights, eval mode, no gradients)."""
+    model, cfg = load_run(path, which="ema", device=device)
+    if get_method(cfg.method_name).needs.model != "velocity" or getattr(model, "is_flow_map", False):
+        raise FewflowError(f"teacher {path} is a {cfg.method_name!r} run; a teacher must be a velocity model")
+    return model.requires_grad_(False), cfg
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _check_needs(spec: MethodSpec, cfg: RunConfig, data: Any) -> None:
+    if spec.needs.teacher == "required" and not cfg.teacher:
+        raise FewflowError(f"method {spec.name!r} distils a trained run: pass --teacher RUN")
+    if spec.needs.teacher == "none" and cfg.teacher:
+        raise FewflowError(f"method {spec.name!r} takes no teacher (got --teacher {cfg.teacher})")
+    if spec.needs.labels == "required" and not cfg.objective.conditional:
+        raise FewflowError(f"method {spec.name!r} needs class labels (--conditional)")
+    if spec.needs.labels == "none" and cfg.objective.conditional:
+        raise FewflowError(f"method {spec.name!r} does not take class labels (use --unconditional)")
+    if spec.needs.coupling == "fixed" and cfg.objective.coupling != "independent":
+        raise FewflowError(f"method {spec.name!r} fixes its own pairs: --coupling does not apply")
+    if spec.flow_map and cfg.objective.path != "linear":
+        raise FewflowError(f"method {spec.name!r} needs the linear path (--path linear)")
+
+
+def build_context(cfg: RunConfig, data: Any, *, teacher: Any = None, work_dir: Path | None = None,
+                  source: Any = None, pairs: Any = None) -> BuildContext:
+    """The :class:`~fewflow.methods.BuildContext` of a run (its path, source, coupling, time sampler,
+    conditioning, teacher, pair generator and a ``record`` that writes into ``cfg.meta``)."""
+    from fewflow.couplings import get_coupling
+    from fewflow.objectives.time_samplers import get_time_sampler
+
+    obj = cfg.objective
+    return BuildContext(
+        data=data,
+        path=build_path(cfg),
+        source=source,
+        coupling=get_coupling(obj.coupling, **obj.coupling_kwargs),
+        time_sampler=get_time_sampler(obj.time_sampler, **obj.time_kwargs),
+        num_classes=int(data.num_classes) if obj.conditional else None,
+        label_dropout=float(obj.label_dropout),
+        teacher=teacher,
+        pairs=pairs,
+        work_dir=work_dir,
+        record=lambda k, v: cfg.meta.__setitem__(k, v),
+        seed=cfg.seed,
+    )
+
+
+def _pair_maker(out_dir: Path, source: Any, data: Any, num_classes: int | None, progress: bool) -> Any:
+    """``pairs(model, *, tag, n, steps, seed) -> folder``: teacher pairs under ``out_dir/pairs`` (Heun),
+    reused when a complete set is already there."""
+    from fewflow.couplings.reflow import generate_reflow_pairs
+    from fewflow.sources import GaussianSource
+
+    src = source if source is not None else GaussianSource(tuple(data.x.shape[1:]))
+
+    def pairs(model: Any, *, tag: str, n: int, steps: int, seed: int) -> Path:
+        folder = out_dir / "pairs" / f"{tag}-n{n}-heun{steps}-s{seed}"
+        cond_fn = None
+        if num_classes is not None:
+            def cond_fn(m: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+                return {"y": torch.randint(0, num_classes, (m,), generator=g)}
+        was = model.training if isinstance(model, nn.Module) else None
+        if was:
+            model.eval()
+        generate_reflow_pairs(model, src, n, folder, steps=steps, stepper="heun", batch_size=4096,
+                              shard_size=max(1024, n // 4), cond_fn=cond_fn, seed=seed, progress=progress)
+        if was:
+            model.train()
+        return folder
+
+    return pairs
+
+
+def train_run(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    figures: bool = True,
+    eval_fn: Any = None,
+) -> Any:
+    """Train the run described by ``cfg`` into ``out_dir``; returns the last stage's ``TrainResult``.
+
+    Loads the data, records ``meta``, seeds and builds the network (from the teacher's weights when the
+    method starts there), builds the method's stages through the registry and runs them with
+    :func:`fewflow.train.train_stages`. With ``figures``, writes ``samples.png`` (and, for 2-D data,
+    ``trajectories.png``) from the EMA model."""
+    from fewflow.train import TrainConfig, train_stages
+
+    out_dir = Path(out_dir)
+    cfg = RunConfig.from_dict(cfg.to_dict())  # a private copy
+    spec = get_method(cfg.method_name)
+    data = build_data(cfg)
+    meta = data_meta(data, cfg)
+    if resume and cfg.meta and cfg.meta.get("shape") != meta["shape"]:
+        raise FewflowError(f"data shape {meta['shape']} differs from the run's {cfg.meta.get('shape')}")
+    _check_needs(spec, cfg, data)
+    cfg.meta = {**cfg.meta, **meta} if resume else meta
+    source = build_source(cfg, data)
+    if cfg.objective.source == "norm_aligned":  # the fitted scale travels with the run folder
+        cfg.meta["source_scale"] = float(source.scale)
+    tc = TrainConfig(**{**cfg.train, "seed": cfg.train.get("seed", cfg.seed)})
+    teacher = None
+    if cfg.teacher:
+        teacher, tcfg = load_teacher(cfg.teacher, device="cpu")
+        if list(tcfg.meta.get("shape", [])) != meta["shape"]:
+            raise FewflowError(
+                f"teacher {cfg.teacher} was trained on data of shape {tcfg.meta.get('shape')}, "
+                f"this run's data has shape {meta['shape']}"
+            )
+        if spec.needs.init_from_teacher and spec.needs.model != "custom":
+            # the student has the teacher's architecture (plus the flow-map interval input)
+            cfg.model = {k: v for k, v in tcfg.model.items() if k != "flow_map"}
+    torch.manual_seed(tc.seed)  # the network's initial weights depend on the seed, nothing else
+    model = build_model(cfg, cfg.meta)
+    if teacher is not None and spec.needs.init_from_teacher and spec.needs.model != "custom":
+        from fewflow.objectives.mfrae import init_from_teacher
+
+        init_from_teacher(model, teacher, zero=("cond.h_embed.mlp.2",) if spec.flow_map else ())
+    if spec.needs.model != "custom":
+        cfg.model = resolve_model_config(cfg, cfg.meta)
+    ctx = build_context(
+        cfg, data, teacher=teacher, work_dir=out_dir, source=source,
+        pairs=_pair_maker(out_dir, source, data, meta["num_classes"] if meta["conditional"] else None,
+                          tc.progress),
+    )
+    stages = spec.build(spec.make_config(cfg.method), ctx)
+    if spec.needs.ddp_mode != "wrap" and "ddp_mode" not in cfg.train:
+        tc = dataclasses.replace(tc, ddp_mode=spec.needs.ddp_mode)
+    cfg.train = dataclasses.asdict(tc)
+    _, _, result = train_stages(model, stages, data, tc, out_dir=out_dir, run_config=cfg.to_dict(),
+                                resume=resume, eval_fn=eval_fn)
+    if result is None:  # every stage had finished before
+        raise FewflowError(f"{out_dir}: nothing left to train")
+    if result.stopped_reason == "completed" and figures:
+        _figures(out_dir, cfg, data)
+    return result
+
+
+def _figures(out_dir: Path, cfg: RunConfig, data: Any) -> None:
+    from fewflow.plotting import plot_samples, plot_trajectories
+    from fewflow.sampling import generate
+
+    model, cfg = load_run(out_dir, which="ema")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = list(cfg.meta.get("shape", []))
+    n = 2000 if shape == [2] else 64
+    res = generate(model, cfg, n, generator=gen, trajectory=shape == [2])
+    vr = cfg.meta.get("value_range")
+    plot_samples(
+        res.x,
+        out_dir / "samples.png",
+        reference=data.x[:n] if shape == [2] else None,
+        value_range=tuple(vr) if (vr and len(shape) == 3) else None,
+        title=f"{cfg.data.name}, {cfg.method_name}: NFE {res.nfe}",
+    )
+    if res.trajectory is not None:
+        plot_trajectories(res.trajectory, out_dir / "trajectories.png", reference=data.x[:n])
