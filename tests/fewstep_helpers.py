@@ -43,3 +43,36 @@ def train_on(model, objective, data: torch.Tensor, steps: int, lr: float = 2e-3,
         out.loss.backward()
         opt.step()
     return model
+
+
+class GaussianMixtureFlow:
+    """Exact velocities of the linear path ``x_t = t x1 + (1 - t) x0``, ``x0 ~ N(0, I)``, for data drawn from
+    equal-weight classes ``x1 | y=k ~ N(mu_k, sigma^2 I)``: ``v(x, t)`` (the mixture) or ``v(x, t, y=labels)``
+    (class ``y``; the null label ``K`` gives the mixture, as for a CFG-trained model).
+
+    Per class ``x_t | k ~ N(t mu_k, s_t^2 I)``, ``s_t^2 = t^2 sigma^2 + (1 - t)^2``, and
+    ``v_k(x, t) = E[x1 - x0 | x_t = x, k] = mu_k + (t sigma^2 - (1 - t)) / s_t^2 (x - t mu_k)``; the mixture
+    is ``sum_k w_k v_k`` with posterior weights ``w_k ~ N(x; t mu_k, s_t^2 I)``. At ``t = 0`` every class
+    has the same weight, so ``v_k = mu_k - x`` and ``v = mean_k mu_k - x``.
+    """
+
+    def __init__(self, mu: torch.Tensor, sigma: float) -> None:
+        self.mu, self.sigma, self.num_classes = mu, float(sigma), mu.shape[0]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])[:, None]
+        mu = self.mu.to(x.dtype)
+        s2 = t**2 * self.sigma**2 + (1 - t) ** 2
+        r = x[:, None, :] - t[:, None] * mu[None]
+        v = mu[None] + ((t * self.sigma**2 - (1 - t)) / s2)[:, None] * r  # (B, K, d)
+        w = torch.softmax(-(r**2).sum(-1) / (2 * s2), dim=1)
+        v_mix = (w[..., None] * v).sum(1)
+        if y is None:
+            return v_mix
+        v_y = v[torch.arange(x.shape[0]), y.clamp_max(self.num_classes - 1)]
+        return torch.where((y == self.num_classes)[:, None], v_mix, v_y)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        k = torch.randint(0, self.num_classes, (n,), generator=generator)
+        noise = torch.randn(n, self.mu.shape[1], generator=generator, dtype=self.mu.dtype)
+        return self.mu[k] + self.sigma * noise

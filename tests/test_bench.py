@@ -105,7 +105,7 @@ def test_train_stages_spends_the_budget() -> None:
 
 
 def _fake(kind: str, teacher: dict, methods: dict) -> dict:
-    met = "sw2" if kind == "toy" else "fd"
+    met = "sliced_w2" if kind == "toy" else "fd"
     return {
         "kind": kind,
         "metric": met,
@@ -156,7 +156,7 @@ def test_fewstep_smoke_tables_and_cache(tmp_path) -> None:
         assert r["error"] is None, (m, r["error"])
         assert set(r["metrics"]) == {"1", "2", "4", "8"}
         for k, v in r["metrics"].items():
-            assert v["nfe"] == int(k) and math.isfinite(v["sw2"]) and v["sample_wall_s"] > 0
+            assert v["nfe"] == int(k) and math.isfinite(v["sliced_w2"]) and v["sample_wall_s"] > 0
         # equal budget: every method spends at most the budget and at least budget minus one step per stage
         assert r["train_evals"] <= budget + 1e-6
         slack = sum(s["per_step_evals"] for s in r["stages"])
@@ -209,7 +209,7 @@ def test_samplers_smoke_tables(tmp_path) -> None:
     out = run(cfg)
     for name in ("checkerboard", "digits"):
         r = out["results"][name]
-        met = "sw2" if name == "checkerboard" else "fd"
+        met = "sliced_w2" if name == "checkerboard" else "fd"
         for sched in SCHEDULES:
             assert set(r["grid"][f"{sched}/euler"]) == {"1", "2", "4"}
             assert set(r["grid"][f"{sched}/heun"]) == {"2", "4"}
@@ -228,7 +228,7 @@ def test_samplers_smoke_tables(tmp_path) -> None:
     assert 0.0 < pr["acceptance_rate"] <= 1.0 and set(pr["metrics"]) == {"5", "10", "100"}
     gd = out["results"]["digits"]["guidance"]["metrics"]
     assert any(k.startswith("RAAG") for k in gd) and any(k.startswith("CFG") for k in gd)
-    assert all(0.0 <= v["2"]["acc"] <= 1.0 for v in gd.values())
+    assert all(0.0 <= v["2"]["accuracy"] <= 1.0 for v in gd.values())
     md = (tmp_path / "out" / "samplers.md").read_text()
     assert "boss refined / euler" in md and "Claims" in md and "Guidance" in md
     for f in ("samplers.json", "samplers.png", "samplers_raag_ratio.png"):

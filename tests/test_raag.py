@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from fewstep_helpers import GaussianMixtureFlow
 
 from fewflow import FewflowError
 from fewflow.guidance.cfg import CFG
@@ -110,29 +111,6 @@ def test_plot_ratio_history(tmp_path, gen):
         plot_ratio_history([], tmp_path / "none.png")
 
 
-class GaussianClasses:
-    """Exact class-conditional velocities of the linear path x_t = t x1 + (1 - t) x0, x0 ~ N(0, I), for
-    classes x1 | y=k ~ N(mu_k, sigma^2 I) with equal weights; the null label K gives the mixture velocity.
-
-    Per class: x_t | k ~ N(t mu_k, s_t^2 I), s_t^2 = t^2 sigma^2 + (1 - t)^2, and
-    v_k(x, t) = E[x1 - x0 | x_t = x, k] = mu_k + (t sigma^2 - (1 - t)) / s_t^2 (x - t mu_k);
-    v_u = sum_k w_k v_k with posterior weights w_k ~ N(x; t mu_k, s_t^2 I).
-    """
-
-    def __init__(self, mu: torch.Tensor, sigma: float) -> None:
-        self.mu, self.sigma, self.k = mu, sigma, mu.shape[0]
-
-    def __call__(self, x, t, y):
-        t = t[:, None]
-        s2 = t**2 * self.sigma**2 + (1 - t) ** 2
-        r = x[:, None, :] - t[:, None] * self.mu[None]
-        v = self.mu[None] + ((t * self.sigma**2 - (1 - t)) / s2)[:, None] * r  # (B, K, d)
-        w = torch.softmax(-(r**2).sum(-1) / (2 * s2), dim=1)
-        v_u = (w[..., None] * v).sum(1)
-        v_c = v[torch.arange(x.shape[0]), y.clamp_max(self.k - 1)]
-        return torch.where((y == self.k)[:, None], v_u, v_c)
-
-
 def test_default_ratio_is_squared_and_spikes_at_the_first_step(gen):
     """The paper's RATIO ||v_c - v_u||^2 / ||v_u||^2 (default). At t = 0 the state is pure noise x0 and the
     exact velocities are v_c = mu_y - x0, v_u = mu_bar - x0, so RATIO_0 = ||mu_y - mu_bar||^2 /
@@ -140,7 +118,7 @@ def test_default_ratio_is_squared_and_spikes_at_the_first_step(gen):
     d, n = 8, 2000
     mu = torch.zeros(3, d, dtype=torch.float64)
     mu[0, 0] = mu[1, 1] = mu[2, 2] = 6.0  # ||mu_y - mu_bar||^2 = 24, ||mu_bar||^2 = 12
-    model = GaussianClasses(mu, sigma=0.3)
+    model = GaussianMixtureFlow(mu, sigma=0.3)  # exact v(x, t, y); null label 3 = the mixture
     x0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=gen)
     raag = RAAG(model, w_max=4.0, alpha=2.0, num_classes=3, record=True)

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,6 @@ __all__ = [
     "Counted",
     "Ledger",
     "NetSpec",
-    "Stage",
     "TOY_SETS",
     "IMAGE_SETS",
     "add_common_args",
@@ -61,7 +60,6 @@ __all__ = [
     "count_step",
     "default_cache_dir",
     "floor_metrics",
-    "infinite_dict_batches",
     "json_key",
     "load_bench_data",
     "load_state",
@@ -71,7 +69,6 @@ __all__ = [
     "primary_metric",
     "save_state",
     "plot_quality_vs_nfe",
-    "train_stages",
     "train_teacher",
     "format_table",
 ]
@@ -157,34 +154,18 @@ def json_key(obj: Any) -> str:
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
-    """Write JSON atomically (temporary file + ``os.replace``): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
-    return path
+    """Benchmark JSON (sorted keys), written atomically by :func:`fewflow._io.atomic_write_json`."""
+    from fewflow._io import atomic_write_json as write
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if torch.is_tensor(o):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+    return write(Path(path), obj, indent=1, sort_keys=True)
 
 
 def save_state(net: nn.Module, path: Path) -> None:
-    """Weights as safetensors (atomic)."""
-    from safetensors.torch import save_file
+    """Weights as safetensors, written atomically."""
+    from fewflow._io import atomic_save_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    atomic_save_safetensors(Path(path), state)
 
 
 def load_state(net: nn.Module, path: Path) -> nn.Module:
@@ -275,34 +256,19 @@ def load_bench_data(name: str, n_train: int, n_eval: int, seed: int = 0) -> Benc
 
 
 def primary_metric(data: BenchData) -> str:
-    """``"sw2"`` (sliced-W2) for 2-D sets, ``"fd"`` (FD-digits / FD-MNIST) for images."""
-    return "sw2" if data.kind == "toy" else "fd"
+    """The headline metric key (:func:`fewflow.evaluate.primary_metric`): ``sliced_w2`` or ``fd``."""
+    from fewflow.evaluate import primary_metric as primary
+
+    return primary(data.shape)
 
 
-def quality(
-    data: BenchData, x: Tensor, y: Tensor | None = None, mmd_points: int | None = None
-) -> dict[str, float]:
-    """Metrics of generated samples: sliced-W2 (256 fixed projections) and RBF-MMD^2 (median bandwidth,
-    first ``mmd_points`` samples, default ``min(2000, n / 2)``: the O(n^2) part) for 2-D sets; Fréchet
-    distance in the cached classifier's features and classifier accuracy for images (samples clamped to
-    the data range [-1, 1] first). Non-finite samples give ``inf``."""
-    from fewflow.metrics import classifier_accuracy, fd_features, mmd_rbf, sliced_wasserstein
+def quality(data: BenchData, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+    """Metrics of generated samples against the held-out set, from the one evaluation harness
+    (:func:`fewflow.evaluate.score`: sliced-W2, MMD, energy for 2-D sets; FD and classifier accuracy for
+    images). Non-finite samples score ``inf``."""
+    from fewflow.evaluate import score
 
-    x = x.detach().float().cpu()
-    if not bool(torch.isfinite(x).all()):
-        return {"sw2": math.inf, "mmd": math.inf} if data.kind == "toy" else {"fd": math.inf, "acc": 0.0}
-    if data.kind == "toy":
-        g = torch.Generator().manual_seed(1234)
-        m = min(mmd_points or min(2000, x.shape[0] // 2), x.shape[0], data.target.shape[0])
-        return {
-            "sw2": sliced_wasserstein(x, data.target, n_proj=256, generator=g),
-            "mmd": mmd_rbf(x[:m], data.target[:m]),
-        }
-    x = x.clamp(-1.0, 1.0)
-    out = {"fd": fd_features(x, data.target, dataset=data.name)}
-    if y is not None:
-        out["acc"] = classifier_accuracy(x, y.cpu(), dataset=data.name)
-    return out
+    return score(x, data.target, dataset=data.name, y=y)
 
 
 def floor_metrics(data: BenchData) -> dict[str, float]:
@@ -346,46 +312,6 @@ def make_net(data: BenchData, spec: NetSpec, flow_map: bool = False) -> nn.Modul
 # ------------------------------------------------------------------------------------------- training
 
 
-@dataclass
-class Stage:
-    """One training stage of a method: an objective, its data, batch size, learning rate and the share
-    of the method's evaluation budget it may spend (``budget``, forward-equivalents)."""
-
-    name: str
-    objective: Callable[..., Any]
-    data: Any  # a Dataset, or a callable returning an iterator of batch dicts
-    batch_size: int
-    lr: float
-    budget: float
-    ema_decay: float | None = 0.999
-
-
-def infinite_dict_batches(pairs_dir: Path, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
-    """Endless shuffled batches ``{"x1", "x0"[, "y"]}`` of a reflow pair set (epochs with fresh seeds),
-    streamed with :class:`fewflow.couplings.reflow.ReflowPairs`."""
-    from fewflow.couplings.reflow import ReflowPairs
-
-    epoch = 0
-    while True:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        for x0, x1, y in ReflowPairs(pairs_dir, batch_size=batch_size, generator=g, drop_last=True):
-            b = {"x1": x1, "x0": x0}
-            if y is not None:
-                b["y"] = y
-            yield b
-        epoch += 1
-
-
-def _probe_batch(stage: Stage, data: BenchData) -> tuple[Tensor, dict[str, Any]]:
-    if callable(stage.data):
-        b = next(iter(stage.data()))
-        x1 = b.pop("x1")
-        return x1, b
-    x1 = data.train[: stage.batch_size]
-    cond = {} if data.labels is None else {"y": data.labels[: stage.batch_size]}
-    return x1, cond
-
-
 def count_step(
     objective: Callable[..., Any], student: nn.Module, x1: Tensor, cond: dict[str, Any], ledger: Ledger
 ) -> float:
@@ -408,65 +334,12 @@ def budget_steps(budget: float, per_step: float) -> int:
     return max(1, int(budget // per_step))
 
 
-def train_stages(
-    student: nn.Module, stages: Sequence[Stage], data: BenchData, ledger: Ledger, seed: int
-) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Train ``student`` (a :class:`Counted` network) through ``stages`` with :class:`fewflow.train.Trainer`
-    (AdamW, grad-clip 1, EMA), each stage within its budget; the next stage starts from the previous
-    stage's EMA weights. Returns the final EMA network (unwrapped) and one record per stage."""
-    from fewflow.train import TrainConfig, Trainer
-
-    records = []
-    for k, st in enumerate(stages):
-        x1, cond = _probe_batch(st, data)
-        per_step = count_step(st.objective, student, x1, cond, ledger)
-        steps = budget_steps(st.budget, per_step)
-        before = ledger.evals
-        cfg = TrainConfig(
-            steps=steps,
-            batch_size=st.batch_size,
-            lr=st.lr,
-            ema_decay=st.ema_decay,
-            seed=seed * 100 + k,
-            progress=False,
-            log_every=0,
-            ckpt_every=0,
-            device="cpu",
-        )
-        batches = st.data() if callable(st.data) else st.data
-        t0 = time.perf_counter()
-        tr = Trainer(student, st.objective, batches, cfg)
-        res = tr.fit()
-        wall = time.perf_counter() - t0
-        ema = tr.ema_model
-        with torch.no_grad():
-            for p, q in zip(student.parameters(), ema.parameters()):
-                p.copy_(q)
-        records.append(
-            {
-                "stage": st.name,
-                "steps": int(res.step),
-                "per_step_evals": per_step,
-                "budget": st.budget,
-                "evals": ledger.evals - before,
-                "wall_s": wall,
-                "last_loss": float(res.last_loss),
-                "stopped": res.stopped_reason,
-            }
-        )
-        if res.stopped_reason != "completed":
-            break
-    net = student.net if isinstance(student, Counted) else student
-    return net, records
-
-
 def train_teacher(
     data: BenchData, spec: NetSpec, steps: int, batch_size: int, lr: float, seed: int, cache_dir: Path
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The CFM teacher (linear path, independent coupling, ``fewflow.objectives.CFMLoss``; the data set's
+    """The CFM teacher (the registry's ``cfm`` method: linear path, independent coupling; the data set's
     source), trained once per (data set, network, steps, batch, lr, seed) and cached as safetensors +
     JSON under ``cache_dir/<data set>/teacher-<key>/``. Shared by both benchmarks."""
-    from fewflow.objectives import CFMLoss
     from fewflow.paths import AffinePath
 
     key = json_key(
@@ -488,14 +361,18 @@ def train_teacher(
         meta = json.loads((folder / "meta.json").read_text())
         meta["cached"] = True
         return net.eval().requires_grad_(False), meta
+    from fewflow.methods import BuildContext, get_method
+    from fewflow.train import TrainConfig, train_stages
+
     torch.manual_seed(seed)
     net = make_net(data, spec)
-    ledger = Ledger()
-    obj = CFMLoss(AffinePath("linear"), source=data.source)
-    budget = steps * batch_size * (FWD + BWD)
-    trained, recs = train_stages(
-        Counted(net, ledger), [Stage("cfm", obj, data.dataset(), batch_size, lr, budget)], data, ledger, seed
-    )
+    cfm = get_method("cfm")
+    stages = cfm.build(cfm.make_config(), BuildContext(data=data.dataset(), path=AffinePath("linear"),
+                                                       source=data.source, seed=seed))
+    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=0.999, progress=False, log_every=0,
+                     ckpt_every=0, device="cpu")
+    trained, recs, _ = train_stages(net, stages, data.dataset(), tc, seed_of=lambda k: seed * 100 + k)
+    recs = [{"steps": r.steps, "wall_s": r.wall_s, "evals": r.steps * batch_size * (FWD + BWD)} for r in recs]
     meta = {
         "key": key,
         "steps": recs[0]["steps"],

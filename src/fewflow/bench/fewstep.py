@@ -42,7 +42,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +58,13 @@ from fewflow.bench.common import (
     Counted,
     Ledger,
     NetSpec,
-    Stage,
     add_common_args,
     atomic_write_json,
+    budget_steps,
+    count_step,
     default_cache_dir,
     floor_metrics,
     format_table,
-    infinite_dict_batches,
     json_key,
     load_bench_data,
     load_state,
@@ -74,24 +74,23 @@ from fewflow.bench.common import (
     quality,
     run_datasets,
     save_state,
-    train_stages,
     train_teacher,
     write_outputs,
 )
+from fewflow.methods import MethodSpec
 
 __all__ = [
     "FewstepConfig",
     "Preset",
     "PRESETS",
-    "METHODS",
-    "ABLATIONS",
+    "method_specs",
+    "train_method",
     "run",
     "main",
     "method_names",
     "check_claims",
 ]
 
-VD_WEIGHT = 0.1  # MDT-dist's VD weight here (the paper: 1.0, which diverged at toy scale; see _mdt)
 
 
 @dataclass
@@ -164,9 +163,13 @@ class FewstepConfig:
         for d in self.datasets:
             if d not in ("checkerboard", "moons", "digits", "mnist"):
                 raise unknown_name("data set", d, ("checkerboard", "moons", "digits", "mnist"))
-        for m in self.methods or ():
-            if m not in METHODS and m not in ABLATIONS:
-                raise unknown_name("method", m, [*METHODS, *ABLATIONS])
+        if self.methods:
+            from fewflow.methods import list_methods
+
+            known = [s.name for s in list_methods(family="fewstep")]
+            for m in self.methods:
+                if m not in known:
+                    raise unknown_name("few-step method", m, known)
         self.cache_dir = Path(self.cache_dir)
 
     def preset(self, data: str) -> Preset:
@@ -176,48 +179,67 @@ class FewstepConfig:
 # ------------------------------------------------------------------------------------------ methods
 
 
+def method_specs(cfg: FewstepConfig) -> list[MethodSpec]:
+    """The registry's few-step methods a config runs, in registration order (ablations on request)."""
+    from fewflow.methods import get_method, list_methods
+
+    if cfg.methods:
+        return [get_method(m) for m in cfg.methods]
+    return [s for s in list_methods(family="fewstep") if cfg.ablations or not s.ablation]
+
+
+def method_names(cfg: FewstepConfig) -> list[str]:
+    """The methods a config runs, in table order."""
+    return [s.name for s in method_specs(cfg)]
+
+
+def bench_method_config(spec: MethodSpec, p: Preset) -> Any:
+    """The method's config at benchmark scale: its documented small-scale settings, and the preset's pair
+    set (count, teacher steps) for methods that train on teacher pairs."""
+    values = dict(spec.small_scale_values())
+    if spec.needs.pairs:
+        values.update(n_pairs=p.n_pairs, pair_steps=p.pair_steps)
+    return spec.make_config(values)
+
+
+def run_config_for(spec: MethodSpec, mcfg: Any, data: BenchData) -> Any:
+    """A :class:`~fewflow.config.RunConfig` describing a trained benchmark model, for
+    :func:`fewflow.sampling.generate`."""
+    from fewflow.config import DataSpec, ObjectiveSpec, RunConfig
+
+    meta = {"shape": list(data.shape), "num_classes": data.num_classes,
+            "conditional": data.num_classes is not None}
+    cfg = RunConfig(data=DataSpec(name=data.name), method={"name": spec.name, **asdict(mcfg)},
+                    objective=ObjectiveSpec(conditional=data.num_classes is not None), meta=meta)
+    cfg.validate()
+    return cfg
+
+
 @dataclass
-class Context:
-    """What a method builder gets: data, teacher (frozen, unwrapped), preset, ledger and cache folder."""
+class Pairs:
+    """Teacher pairs for the methods that need them, cached on disk and charged to the ledger whether
+    generated now or loaded (``pair_wall_s``: their generation time, added to the method's time)."""
 
     data: BenchData
-    teacher: torch.nn.Module
-    teacher_key: str
-    preset: Preset
     ledger: Ledger
     cache: Path
-    seed: int
-    cached_wall_s: float = 0.0  # wall time of cached pair sets, added to the method's training time
+    teacher_key: str
+    method_key: str
+    pair_wall_s: float = 0.0
 
-    def counted_teacher(self) -> Counted:
-        return Counted(self.teacher, self.ledger, "teacher")
-
-    def student(self, flow_map: bool, init: bool) -> Counted:
-        """A fresh student; ``init``: copy the teacher's weights (flow maps: zero the interval embedding's
-        last layer so that ``u(x, s, t) = v(x, t)`` at init; ``fewflow.objectives.mfrae.init_from_teacher``).
-        """
-        from fewflow.objectives.mfrae import init_from_teacher
-
-        torch.manual_seed(self.seed + 7)
-        net = make_net(self.data, self.preset.net, flow_map=flow_map)
-        if init:
-            init_from_teacher(net, self.teacher, zero=("cond.h_embed.mlp.2",) if flow_map else ())
-        return Counted(net, self.ledger, "student")
-
-    def pairs(self, model: torch.nn.Module, name: str, seed: int) -> tuple[Path, dict[str, Any]]:
-        """Reflow pairs ``(x0, ODE(x0))`` of ``model`` (Heun, ``pair_steps`` steps), cached on disk; the
-        NFE is charged to the ledger whether generated now or loaded."""
+    def __call__(self, model: Any, *, tag: str, n: int, steps: int, seed: int) -> Path:
         from fewflow.couplings.reflow import generate_reflow_pairs
 
-        p = self.preset
-        folder = self.cache / f"pairs-{name}-{p.n_pairs}-{p.pair_steps}-s{seed}"
+        net = model.net if isinstance(model, Counted) else model
+        name = f"teacher-{self.teacher_key}" if tag == "teacher" else f"{tag}-{self.method_key}"
+        folder = self.cache / f"pairs-{name}-{n}-{steps}-s{seed}"
         info_path = folder / "bench.json"
-        nfe_each = 2 * p.pair_steps
+        nfe_each = 2 * steps
         if info_path.is_file():
             info = json.loads(info_path.read_text())
-            self.ledger.add("pair-teacher:fwd", p.n_pairs, nfe_each)  # charged as if generated now
-            self.cached_wall_s += float(info["wall_s"])
-            return folder, info
+            self.ledger.add("pair-teacher:fwd", n, nfe_each)  # charged as if generated now
+            self.pair_wall_s += float(info["wall_s"])
+            return folder
         cond_fn = None
         if self.data.num_classes is not None:
             k = self.data.num_classes
@@ -225,253 +247,90 @@ class Context:
             def cond_fn(m: int, g: torch.Generator) -> dict[str, torch.Tensor]:
                 return {"y": torch.randint(0, k, (m,), generator=g)}
 
+        was_training = net.training
+        net.eval()
         t0 = time.perf_counter()
-        generate_reflow_pairs(
-            Counted(model, self.ledger, "pair-teacher"),
-            self.data.source,
-            p.n_pairs,
-            folder,
-            steps=p.pair_steps,
-            stepper="heun",
-            batch_size=4096,
-            shard_size=max(1024, p.n_pairs // 4),
-            cond_fn=cond_fn,
-            seed=seed,
-        )
-        info = {"wall_s": time.perf_counter() - t0, "evals": p.n_pairs * nfe_each}
-        atomic_write_json(info_path, info)
-        return folder, info
+        generate_reflow_pairs(Counted(net, self.ledger, "pair-teacher"), self.data.source, n, folder,
+                              steps=steps, stepper="heun", batch_size=4096, shard_size=max(1024, n // 4),
+                              cond_fn=cond_fn, seed=seed)
+        net.train(was_training)
+        atomic_write_json(info_path, {"wall_s": time.perf_counter() - t0, "evals": n * nfe_each})
+        return folder
 
 
-@dataclass
-class Plan:
-    """A method's student, its training stages (callables build them lazily, after earlier stages ran)
-    and how to sample from the result."""
-
-    student: Counted
-    stages: list[Stage | Callable[[Counted], Stage]]
-    sampler: str  # "euler" | "first_order" | "flowmap" | "mdt"
+def _probe(st: Any, data: BenchData, batch: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    x1 = data.train[:batch]
+    cond: dict[str, Any] = {} if data.labels is None else {"y": data.labels[:batch]}
+    if st.pair_sets:
+        cond["x0"] = torch.randn(x1.shape, generator=torch.Generator().manual_seed(0))
+    return x1, cond
 
 
-def _pair_objective() -> Callable[..., Any]:
-    """CFM on stored pairs (``CFMLoss.pair_loss``: the noise is never resampled)."""
-    from fewflow.objectives import CFMLoss
+def train_method(
+    spec: MethodSpec, data: BenchData, teacher: torch.nn.Module, teacher_key: str, p: Preset, cache: Path,
+    seed: int, method_key: str,
+) -> tuple[torch.nn.Module, Any, Ledger, list[dict[str, Any]], float]:
+    """Train one registered method at the benchmark's budget: its stages (from ``spec.build``) share the
+    budget left after its teacher pairs, each stage's optimiser steps are its budget over the measured cost
+    of one step. Returns ``(trained network, method config, ledger, stage records, pair wall time)``."""
+    from fewflow.methods import BuildContext
+    from fewflow.objectives.mfrae import init_from_teacher
     from fewflow.paths import AffinePath
+    from fewflow.train import TrainConfig, train_stages
 
-    cfm = CFMLoss(AffinePath("linear"))
-
-    def objective(model: Any, x1: torch.Tensor, *, x0: torch.Tensor, generator: Any = None, **cond: Any):
-        return cfm.pair_loss(model, x0, x1, generator=generator, **cond)
-
-    return objective
-
-
-def _reflow(ctx: Context, rounds: int = 1) -> Plan:
-    p = ctx.preset
-    student = ctx.student(flow_map=False, init=True)
-    folder, _ = ctx.pairs(ctx.teacher, f"teacher-{ctx.teacher_key}", ctx.seed)
-    pair_cost = p.n_pairs * 2 * p.pair_steps
-    train_budget = p.budget - rounds * pair_cost
+    mcfg = bench_method_config(spec, p)
+    ledger = Ledger()
+    pairs = Pairs(data, ledger, cache, teacher_key, method_key)
+    ctx = BuildContext(
+        data=data.dataset(), path=AffinePath("linear"), source=data.source, num_classes=data.num_classes,
+        teacher=Counted(teacher, ledger, "teacher") if spec.needs.teacher != "none" else None,
+        pairs=pairs, work_dir=cache, seed=seed,
+    )
+    torch.manual_seed(seed + 7)
+    net = make_net(data, p.net, flow_map=spec.flow_map)
+    if spec.needs.init_from_teacher and ctx.teacher is not None:
+        init_from_teacher(net, teacher, zero=("cond.h_embed.mlp.2",) if spec.flow_map else ())
+    student = Counted(net, ledger, "student")
+    stages = spec.build(mcfg, ctx)
+    pair_sets = sum(st.pair_sets for st in stages)
+    pair_cost = pair_sets * mcfg.n_pairs * 2 * mcfg.pair_steps if spec.needs.pairs else 0
+    train_budget = p.budget - pair_cost
     if train_budget <= 0:
-        raise FewflowError(f"budget {p.budget:g} cannot pay for {rounds} pair set(s) of {pair_cost:g}")
-    obj = _pair_objective()
-    share = train_budget / rounds
-    stages: list[Stage | Callable[[Counted], Stage]] = [
-        Stage("reflow-1", obj, lambda: infinite_dict_batches(folder, p.batch, ctx.seed), p.batch, p.lr, share)
-    ]
-    if rounds == 2:
+        raise FewflowError(f"budget {p.budget:g} cannot pay for the teacher pairs ({pair_cost:g})")
+    costs: list[float] = []
 
-        def second(student: Counted) -> Stage:
-            net = student.net
-            key = json_key({"teacher": ctx.teacher_key, "p": asdict(p), "round1": VERSIONS.get("reflow2", 2),
-                            "seed": ctx.seed})
-            f2, _ = ctx.pairs(net.eval(), f"reflow1-{key}", ctx.seed + 1)
-            net.train()
-            return Stage(
-                "reflow-2",
-                obj,
-                lambda: infinite_dict_batches(f2, p.batch, ctx.seed + 1),
-                p.batch,
-                p.lr,
-                share,
-            )
+    def steps_of(st: Any, k: int, batch: int, _data: Any) -> int:
+        x1, cond = _probe(st, data, batch)
+        per = count_step(st.objective, student, x1, cond, ledger)
+        costs.append(per)
+        return budget_steps(st.share * train_budget, per)
 
-        stages.append(second)
-    return Plan(student, stages, "euler")
-
-
-def _rectified_diffusion(ctx: Context) -> Plan:
-    from fewflow.objectives.rectified_diffusion import RectifiedDiffusionLoss
-    from fewflow.paths import AffinePath
-
-    p = ctx.preset
-    student = ctx.student(flow_map=False, init=True)
-    folder, _ = ctx.pairs(ctx.teacher, f"teacher-{ctx.teacher_key}", ctx.seed)
-    budget = p.budget - p.n_pairs * 2 * p.pair_steps
-    loss = RectifiedDiffusionLoss(AffinePath("linear"), prediction="velocity", loss="huber", space="x1")
-    st = Stage("rd", loss, lambda: infinite_dict_batches(folder, p.batch, ctx.seed), p.batch, p.lr, budget)
-    return Plan(student, [st], "first_order")
-
-
-def _meanflow(ctx: Context, **kw: Any) -> Plan:
-    from fewflow.objectives.meanflow import MeanFlowLoss, TimePairSampler
-
-    p = ctx.preset
-    opts = {"time_sampler": TimePairSampler.uniform(), "ratio": 0.75, "adaptive_p": 0.0, **kw}
-    loss = MeanFlowLoss(source=ctx.data.source, **opts)
-    student = ctx.student(flow_map=True, init=False)
-    return Plan(student, [Stage("meanflow", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "flowmap")
-
-
-def _splitmeanflow(ctx: Context) -> Plan:
-    from fewflow.objectives.splitmeanflow import SplitMeanFlowLoss
-
-    p = ctx.preset
-    loss = SplitMeanFlowLoss(source=ctx.data.source, teacher=ctx.counted_teacher())
-    student = ctx.student(flow_map=True, init=True)
-    return Plan(
-        student, [Stage("splitmeanflow", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "flowmap"
-    )
-
-
-def _mfrae(ctx: Context) -> Plan:
-    from fewflow.objectives.mfrae import ConsistencyMidTrainingLoss, MeanFlowDistillationLoss
-
-    p = ctx.preset
-    teacher = ctx.counted_teacher()
-    cmt = ConsistencyMidTrainingLoss(teacher, steps=16, pairs_per_trajectory=8, source=ctx.data.source)
-    mfd = MeanFlowDistillationLoss(teacher, source=ctx.data.source)
-    student = ctx.student(flow_map=True, init=True)
-    b_cmt = max(1, p.batch // 8)  # 8 grid pairs per trajectory: p.batch regression rows per step
-    return Plan(
-        student,
-        [
-            Stage("cmt", cmt, ctx.data.dataset(), b_cmt, p.lr, p.budget / 2),
-            Stage("mfd", mfd, ctx.data.dataset(), p.batch, p.lr, p.budget / 2),
-        ],
-        "flowmap",
-    )
-
-
-def _mdt(ctx: Context, vd: bool) -> Plan:
-    """VM alone; or VM for the first half of the budget, then VM + ``0.1`` VD at 0.3x the learning rate.
-
-    Deviations from the paper (measured, docs/benchmarks.md): in 2-D ``d_norm=False`` -- the derivative
-    normalisation ``d / (||d|| + 0.1)`` (tuned for TRELLIS latents) shrinks the derivative term and biased
-    the 1-step map (quick runs: 1-NFE sliced-W2 0.5 with it, 0.2-0.33 without); on digits the paper's
-    ``d_norm=True`` is kept (without it VM broke down: FD-digits 16, accuracy 0.2). VD weight 0.1 after a VM
-    warm-up (the notes' advice): with the paper's ``lambda_vd = 1`` VD diverged on moons (1-NFE sliced-W2
-    11 from the start, 6.9 after the warm-up at the full budget)."""
-    from fewflow.objectives.mdt import MDTDistLoss
-
-    p = ctx.preset
-    teacher = ctx.counted_teacher()
-    dn = ctx.data.kind == "image"
-    vm = MDTDistLoss(teacher, lambda_vm=1.0, lambda_vd=0.0, d_norm=dn, source=ctx.data.source)
-    student = ctx.student(flow_map=True, init=True)
-    if not vd:
-        return Plan(student, [Stage("vm", vm, ctx.data.dataset(), p.batch, p.lr, p.budget)], "mdt")
-    vmvd = MDTDistLoss(teacher, lambda_vm=1.0, lambda_vd=VD_WEIGHT, d_norm=dn, source=ctx.data.source)
-    return Plan(student, [Stage("vm", vm, ctx.data.dataset(), p.batch, p.lr, p.budget / 2),
-                          Stage("vm+vd", vmvd, ctx.data.dataset(), p.batch, 0.3 * p.lr, p.budget / 2)], "mdt")
-
-
-def _consistency(ctx: Context) -> Plan:
-    from fewflow.objectives.consistency import ConsistencyLoss
-    from fewflow.objectives.meanflow import TimePairSampler
-
-    p = ctx.preset
-    loss = ConsistencyLoss(
-        ctx.counted_teacher(),
-        delta=1.0 / 16,
-        teacher_stepper="heun",
-        time_sampler=TimePairSampler.uniform(),
-        source=ctx.data.source,
-    )
-    student = ctx.student(flow_map=True, init=True)
-    return Plan(student, [Stage("cd", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "flowmap")
-
-
-def _shortcut(ctx: Context) -> Plan:
-    from fewflow.objectives.consistency import ShortcutLoss
-
-    p = ctx.preset
-    loss = ShortcutLoss(source=ctx.data.source)
-    student = ctx.student(flow_map=True, init=False)
-    return Plan(student, [Stage("shortcut", loss, ctx.data.dataset(), p.batch, p.lr, p.budget)], "flowmap")
-
-
-METHODS: dict[str, Callable[[Context], Plan]] = {
-    "reflow": lambda c: _reflow(c, 1),
-    "reflow2": lambda c: _reflow(c, 2),
-    "rectified_diffusion": _rectified_diffusion,
-    "meanflow": _meanflow,
-    "splitmeanflow": _splitmeanflow,
-    "mfrae": _mfrae,
-    "mdt_vm": lambda c: _mdt(c, False),
-    "mdt_vmvd": lambda c: _mdt(c, True),
-    "consistency": _consistency,
-    "shortcut": _shortcut,
-}
-ABLATIONS: dict[str, Callable[[Context], Plan]] = {
-    "meanflow_ratio0": lambda c: _meanflow(c, ratio=0.0),
-    "meanflow_wrong_tangents": lambda c: _meanflow(c, tangents="end_time"),
-}
-#: bump a method's version when its recipe changes, so cached results of the old recipe are not reused
-VERSIONS: dict[str, int] = {"mdt_vm": 4, "mdt_vmvd": 6}
-LABELS = {
-    "reflow": "Reflow (2-RF)",
-    "reflow2": "Reflow x2 (3-RF)",
-    "rectified_diffusion": "Rectified Diffusion",
-    "meanflow": "MeanFlow",
-    "splitmeanflow": "SplitMeanFlow",
-    "mfrae": "MF-RAE (CMT->MFD)",
-    "mdt_vm": "MDT-dist VM",
-    "mdt_vmvd": "MDT-dist VM+VD",
-    "consistency": "Consistency distillation",
-    "shortcut": "Shortcut",
-    "meanflow_ratio0": "ablation: MeanFlow 0% s!=t",
-    "meanflow_wrong_tangents": "ablation: MeanFlow wrong tangents",
-}
-
-
-def method_names(cfg: FewstepConfig) -> list[str]:
-    """The methods a config runs, in table order."""
-    if cfg.methods:
-        return list(cfg.methods)
-    return [*METHODS, *(ABLATIONS if cfg.ablations else ())]
+    tc = TrainConfig(steps=1, batch_size=p.batch, lr=p.lr, ema_decay=0.999, progress=False, log_every=0,
+                     ckpt_every=0, device="cpu")
+    _, recs, _ = train_stages(student, stages, data.dataset(), tc, steps_of=steps_of,
+                              seed_of=lambda k: (seed + k) * 100)
+    records = [{**asdict(r), "per_step_evals": c} for r, c in zip(recs, costs)]
+    return net, mcfg, ledger, records, pairs.pair_wall_s
 
 
 # ---------------------------------------------------------------------------------------- sampling
 
 
-def sampler_fn(net: torch.nn.Module, kind: str, nfe: int) -> Callable[[torch.Tensor, dict], tuple]:
-    """``(x0, cond) -> (x, nfe)`` for a trained student (or the teacher with ``"euler"``)."""
-    from fewflow.objectives.mdt import DataEndVelocity
-    from fewflow.objectives.rectified_diffusion import FirstOrderStep
-    from fewflow.paths import AffinePath
-    from fewflow.solvers import solve
+def evaluate(net: torch.nn.Module, run_cfg: Any, data: BenchData, nfes: Sequence[int]) -> dict[str, dict]:
+    """Metrics, NFE and sampling wall time of ``net`` at each NFE on the fixed evaluation draws, sampled
+    through :func:`fewflow.sampling.generate` with the method's own sampler."""
+    from fewflow.sampling import generate
 
-    def run(x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, int]:
-        if kind in ("euler", "flowmap"):
-            r = solve(net, x0, steps=nfe, cond=cond)
-        elif kind == "first_order":
-            r = solve(net, x0, steps=nfe, stepper=FirstOrderStep(AffinePath("linear"), "velocity"), cond=cond)
-        elif kind == "mdt":
-            r = solve(DataEndVelocity(net), x0, steps=nfe, cond=cond)
-        else:
-            raise unknown_name("sampler", kind, ("euler", "first_order", "flowmap", "mdt"))
-        return r.x, r.nfe
-
-    return run
-
-
-def evaluate(net: torch.nn.Module, kind: str, data: BenchData, nfes: Sequence[int]) -> dict[str, dict]:
-    """Metrics, NFE and sampling wall time of ``net`` at each NFE on the fixed evaluation draws."""
     net.eval()
     out = {}
     for k in nfes:
-        x, nfe, wall = measure_samples(sampler_fn(net, kind, int(k)), data)
+
+        def fn(x0: torch.Tensor, cond: dict, k: int = k) -> tuple[torch.Tensor, int]:
+            r = generate(net, run_cfg, x0.shape[0], nfe=int(k), x0=x0, label=cond.get("y"),
+                         check_finite=False)
+            return r.x, r.nfe
+
+        x, nfe, wall = measure_samples(fn, data)
         m = quality(data, x, data.eval_y)
         out[str(k)] = {**m, "nfe": nfe, "sample_wall_s": wall, "ms_per_1k": 1000 * wall / x.shape[0] * 1000}
     return out
@@ -528,7 +387,7 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
     else:
         nfes = sorted({*cfg.nfe, 8, p.teacher_ref_steps})
         teacher_eval = {
-            "metrics": evaluate(teacher, "euler", data, nfes),
+            "metrics": evaluate(teacher, _teacher_cfg(data), data, nfes),
             "floor": floor_metrics(data),
             "meta": tmeta,
         }
@@ -543,11 +402,9 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
         "source": data.source_description(),
         "methods": {},
     }
-    for m in method_names(cfg):
-        key = json_key(
-            {"m": m, "teacher": tkey, "preset": asdict(p), "seed": cfg.seed, "nfe": list(cfg.nfe),
-             "v": VERSIONS.get(m, 2)}
-        )
+    for spec in method_specs(cfg):
+        m = spec.name
+        key = _method_key(cfg, spec, tkey, p)
         mdir = folder / f"{m}-{key}"
         rpath = mdir / "result.json"
         if rpath.is_file():
@@ -555,35 +412,27 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
             _log(cfg, f"{name}/{m}: cached")
             continue
         _log(cfg, f"{name}/{m}: training (budget {p.budget:.3g} evals)")
-        ledger = Ledger()
-        # a fresh copy per method: the 8-gaussians source of moons is stateful (epoch permutations), so
-        # sharing it would make a method's result depend on which methods ran before it
-        ctx = Context(copy.deepcopy(data), teacher, tkey, p, ledger, folder, cfg.seed)
-        builder = METHODS.get(m) or ABLATIONS[m]
         t0 = time.perf_counter()
+        ledger = Ledger()
         try:
-            plan = builder(ctx)
-            pre_evals = ledger.evals
-            records: list[dict[str, Any]] = []
-            net = plan.student.net
-            for st in plan.stages:
-                stage = st(plan.student) if callable(st) and not isinstance(st, Stage) else st
-                net, rec = train_stages(plan.student, [stage], data, ledger, cfg.seed + len(records))
-                records += rec
-            train_wall = time.perf_counter() - t0 + ctx.cached_wall_s
-            metrics = evaluate(net, plan.sampler, data, cfg.nfe)
+            # a fresh copy per method: the 8-gaussians source of moons is stateful (epoch permutations), so
+            # sharing it would make a method's result depend on which methods ran before it
+            net, mcfg, ledger, records, pair_wall = train_method(
+                spec, copy.deepcopy(data), teacher, tkey, p, folder, cfg.seed, key
+            )
+            train_wall = time.perf_counter() - t0 + pair_wall
+            metrics = evaluate(net, run_config_for(spec, mcfg, data), data, cfg.nfe)
             res = {
                 "method": m,
-                "label": LABELS.get(m, m),
+                "label": spec.label,
                 "dataset": name,
                 "key": key,
+                "config": asdict(mcfg),
                 "budget": p.budget,
                 "train_evals": ledger.evals,
-                "pair_and_setup_evals": pre_evals,
                 "stages": records,
                 "ledger": dict(ledger.by_kind),
                 "train_wall_s": train_wall,
-                "sampler": plan.sampler,
                 "metrics": metrics,
                 "error": None,
             }
@@ -591,7 +440,7 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
         except Exception as exc:  # a failing method is reported in the table, not silently dropped
             res = {
                 "method": m,
-                "label": LABELS.get(m, m),
+                "label": spec.label,
                 "dataset": name,
                 "key": key,
                 "budget": p.budget,
@@ -609,39 +458,45 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
     return results
 
 
-def load_student(cfg: FewstepConfig, name: str, method: str) -> tuple[torch.nn.Module, str] | None:
-    """The cached trained student of ``method`` on ``name`` (for the demo), with its sampler kind."""
+def _method_key(cfg: FewstepConfig, spec: MethodSpec, teacher_key: str, p: Preset) -> str:
+    return json_key({"m": spec.name, "teacher": teacher_key, "preset": asdict(p), "seed": cfg.seed,
+                     "nfe": list(cfg.nfe), "v": spec.version, "config": asdict(bench_method_config(spec, p))})
+
+
+def _teacher_cfg(data: BenchData) -> Any:
+    from fewflow.methods import get_method
+
+    spec = get_method("cfm")
+    return run_config_for(spec, spec.make_config(), data)
+
+
+def load_student(cfg: FewstepConfig, name: str, method: str) -> tuple[torch.nn.Module, Any] | None:
+    """The cached trained student of ``method`` on ``name`` with the run config that samples it."""
+    from fewflow.methods import get_method
+
+    spec = get_method(method)
     data = bench_data(cfg, name)
     p = cfg.preset(name)
     _, tmeta = teacher_for(cfg, data)
-    key = json_key(
-        {
-            "m": method,
-            "teacher": tmeta["key"],
-            "preset": asdict(p),
-            "seed": cfg.seed,
-            "nfe": list(cfg.nfe),
-            "v": VERSIONS.get(method, 2),
-        }
-    )
-    mdir = cfg.cache_dir / name / f"{method}-{key}"
+    mdir = cfg.cache_dir / name / f"{method}-{_method_key(cfg, spec, tmeta['key'], p)}"
     if not (mdir / "model.safetensors").is_file():
         return None
-    res = json.loads((mdir / "result.json").read_text())
-    flow = res["sampler"] in ("flowmap", "mdt")
-    return load_state(make_net(data, p.net, flow_map=flow), mdir / "model.safetensors").eval(), res["sampler"]
+    net = load_state(make_net(data, p.net, flow_map=spec.flow_map), mdir / "model.safetensors").eval()
+    return net, run_config_for(spec, bench_method_config(spec, p), data)
 
 
 # ------------------------------------------------------------------------------------------- claims
 
 
 def check_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's acceptance claims, computed from the results (never hand-written):
+    """The benchmark's claims, computed from the results (never hand-written):
 
     * checkerboard and moons, 1 NFE: the best method's sliced-W2 <= 1.5 x the teacher's 100-step value;
     * checkerboard and moons, 1 NFE: every method's sliced-W2 <= teacher 1-step Euler / 3;
     * digits, 2 NFE: the best method's FD-digits <= 1.5 x the teacher's 100-step FD-digits.
     Ablations are excluded."""
+    from fewflow.methods import get_method
+
     claims = []
     for name, r in results.items():
         if "methods" not in r:
@@ -650,7 +505,7 @@ def check_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         tm = r["teacher"]["metrics"]
         ref_key = str(max(int(k) for k in tm))
         ref = tm[ref_key][met]
-        main = {m: v for m, v in r["methods"].items() if m in METHODS}
+        main = {m: v for m, v in r["methods"].items() if not get_method(m).ablation}
         if not main:
             continue
         nfe = "1" if r["kind"] == "toy" else "2"
@@ -660,7 +515,7 @@ def check_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "dataset": name,
                 "claim": f"best method at {nfe} NFE within 1.5x of teacher@{ref_key}",
-                "value": f"{LABELS.get(best_m, best_m)}: {vals[best_m]:.4g} vs 1.5 x {ref:.4g} = "
+                "value": f"{get_method(best_m).label}: {vals[best_m]:.4g} vs 1.5 x {ref:.4g} = "
                 f"{1.5 * ref:.4g}",
                 "met": bool(vals[best_m] <= 1.5 * ref),
             }
@@ -672,7 +527,7 @@ def check_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 {
                     "dataset": name,
                     "claim": "every method at 1 NFE beats teacher 1-step Euler by >= 3x",
-                    "value": f"worst {LABELS.get(worst, worst)}: {vals[worst]:.4g} vs {t1:.4g} / 3 = "
+                    "value": f"worst {get_method(worst).label}: {vals[worst]:.4g} vs {t1:.4g} / 3 = "
                     f"{t1 / 3:.4g}",
                     "met": bool(vals[worst] <= t1 / 3),
                 }
@@ -721,9 +576,9 @@ def write_report(cfg: FewstepConfig, results: dict[str, dict[str, Any]], wall_s:
             lines += [f"## {name}", "", f"skipped: {r.get('skipped')}", ""]
             continue
         met = r["metric"]
-        pretty = {"sw2": "sliced-W2", "fd": "FD-digits" if name == "digits" else "FD"}[met]
-        sec = "mmd" if r["kind"] == "toy" else "acc"
-        sec_pretty = {"mmd": "MMD^2", "acc": "class. acc."}[sec]
+        pretty = {"sliced_w2": "sliced-W2", "fd": "FD-digits" if name == "digits" else "FD"}[met]
+        sec = "mmd" if r["kind"] == "toy" else "accuracy"
+        sec_pretty = {"mmd": "MMD^2", "accuracy": "class. acc."}[sec]
         tm = r["teacher"]["metrics"]
         p = r["preset"]
         lines += [

@@ -3,7 +3,7 @@
 On the CFM teachers of :mod:`fewflow.bench.fewstep` (same cache, same mode presets; checkerboard, moons,
 digits), measured on the same fixed evaluation draws and metrics:
 
-1. **Schedules x steppers**: quality vs NFE (1-16) for every time grid — ``uniform``, ``sd3_shift``
+1. **Schedules x steppers**: quality vs NFE (1-16) for every time grid — ``uniform``, ``shift``
    (shift 3, Esser et al.), ``edm`` (Karras rho = 7, started at t = 0), ``logsnr`` (uniform in log-SNR of the
    linear path), ``boss`` (Bellman-optimal steps of the teacher, Nguyen et al.) — times every stepper:
    ``euler`` (NFE steps), ``midpoint`` and ``heun`` (NFE / 2 steps), ``flowturbo`` pseudo-corrector (1 Heun
@@ -41,12 +41,11 @@ from typing import Any
 
 import torch
 
-from fewflow._validate import unknown_name
+from fewflow._validate import FewflowError, unknown_name
 from fewflow.bench.common import (
     BenchData,
     Counted,
     Ledger,
-    Stage,
     add_common_args,
     atomic_write_json,
     default_cache_dir,
@@ -56,7 +55,6 @@ from fewflow.bench.common import (
     primary_metric,
     quality,
     run_datasets,
-    train_stages,
     write_outputs,
 )
 from fewflow.bench.fewstep import RESULTS, FewstepConfig, bench_data, teacher_for
@@ -72,7 +70,7 @@ __all__ = [
     "check_sampler_claims",
 ]
 
-SCHEDULES = ("uniform", "sd3_shift", "edm", "logsnr", "boss")
+SCHEDULES = ("uniform", "shift", "edm", "logsnr", "boss")
 STEPPERS = ("euler", "midpoint", "heun", "flowturbo")
 
 
@@ -137,40 +135,29 @@ def _log(cfg: SamplersConfig, msg: str) -> None:
 
 
 def schedule_grid(name: str, steps: int, boss_cost: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``steps``-step time grid of a schedule (t = 0 noise -> 1 data), from ``fewflow.solvers``:
-    ``uniform_grid``, ``shifted_grid(shift=3)`` (SD3), ``edm_grid(rho=7, start_at_zero=True)`` (uniform
-    for one step), ``logsnr_grid`` of the linear schedule, or the BOSS ``bellman_schedule`` of
-    ``boss_cost``."""
-    from fewflow.paths import LinearSchedule
-    from fewflow.solvers import edm_grid, logsnr_grid, shifted_grid, uniform_grid
+    """The ``steps``-step time grid ``name`` (:func:`fewflow.solvers.get_grid`: uniform, shift = SD3's
+    shift 3, EDM's rho = 7 spacing, uniform in log-SNR of the linear schedule), or the BOSS Bellman
+    schedule of the teacher's cost matrix ``boss_cost``."""
+    from fewflow.solvers import get_grid
     from fewflow.solvers.boss import bellman_schedule
 
-    if name == "uniform":
-        return uniform_grid(steps)
-    if name == "sd3_shift":
-        return shifted_grid(steps, 3.0)
-    if name == "edm":
-        return edm_grid(steps, start_at_zero=True) if steps >= 2 else uniform_grid(1)
-    if name == "logsnr":
-        return logsnr_grid(steps, LinearSchedule())
     if name == "boss":
         if boss_cost is None:
-            raise ValueError("the boss schedule needs the teacher's cost matrix")
+            raise ValueError("the boss grid needs the teacher's cost matrix")
         return bellman_schedule(boss_cost, steps).grid
-    raise unknown_name("schedule", name, SCHEDULES)
+    return get_grid(name, steps)
 
 
 def _stepper_plan(stepper: str, nfe: int) -> tuple[int, Any] | None:
-    """``(steps, stepper object factory)`` spending exactly ``nfe`` predictor evaluations, or None."""
-    from fewflow.solvers.flowturbo import FlowTurboStepper
+    """``(steps, stepper factory)`` spending exactly ``nfe`` predictor evaluations
+    (:func:`fewflow.solvers.stepper_for_nfe`), or None when the stepper cannot."""
+    from fewflow.solvers import stepper_for_nfe
 
-    if stepper == "euler":
-        return nfe, lambda: "euler"
-    if stepper in ("heun", "midpoint"):
-        return (nfe // 2, lambda: stepper) if nfe >= 2 and nfe % 2 == 0 else None
-    if stepper == "flowturbo":
-        return (nfe - 1, lambda: FlowTurboStepper(1, nfe - 2)) if nfe >= 4 else None
-    raise unknown_name("stepper", stepper, STEPPERS)
+    try:
+        stepper_for_nfe(stepper, nfe, exact=True)
+    except FewflowError:
+        return None
+    return stepper_for_nfe(stepper, nfe, exact=True)[0], lambda: stepper_for_nfe(stepper, nfe, exact=True)[1]
 
 
 def _eval(
@@ -230,87 +217,92 @@ def _boss_reference(cfg: SamplersConfig, data: BenchData, teacher: Any) -> Any:
     return boss_reference(teacher, x0, 100, cond=cond)
 
 
-def part_boss_refined(
-    cfg: SamplersConfig, data: BenchData, teacher: Any, ref: Any, boss_cost: torch.Tensor
-) -> dict[str, Any]:
-    """BOSS phase 2: fine-tune a copy of the teacher on the reference segments of the K = 1, 2, 4, 8
-    Bellman schedules (``BossRefineLoss``, Trainer, lr 2e-4 as the BOSS code), then Euler on those grids."""
-    from fewflow.objectives.boss_refine import BossRefineLoss
-    from fewflow.solvers.boss import bellman_schedule, boss_segments
+def _train_refiner_method(
+    name: str, cfg: SamplersConfig, data: BenchData, teacher: Any, values: dict[str, Any], steps: int,
+) -> tuple[Any, Any, dict[str, Any], Ledger, list[dict[str, Any]], float]:
+    """Train the registry's method ``name`` (a sampler refinement of ``teacher``) for ``steps`` optimiser
+    steps at the teacher's batch; returns ``(network, method config, run meta, ledger, stage records,
+    wall seconds)``."""
+    from dataclasses import asdict
 
-    ks = [k for k in cfg.nfe if k <= 8]
-    scheds = {k: bellman_schedule(boss_cost, k, times=ref.times) for k in ks}
-    loss = BossRefineLoss(boss_segments(ref, *scheds.values()))
+    from fewflow.methods import BuildContext, get_method
+    from fewflow.paths import AffinePath
+    from fewflow.train import TrainConfig, train_stages
 
-    def objective(model: Any, x1: torch.Tensor, *, generator: Any = None, **cond: Any) -> Any:
-        return loss(model, x1, generator=generator)  # labels come with the segments
-
+    spec = get_method(name)
+    mcfg = spec.make_config(values)
     fp = cfg.fewstep.preset(data.name)
     ledger = Ledger()
-    student = Counted(copy.deepcopy(teacher).requires_grad_(True).train(), ledger)
-    budget = cfg.preset.boss_refine_steps * fp.batch * 3.0
+    meta: dict[str, Any] = {"shape": list(data.shape), "num_classes": data.num_classes,
+                            "conditional": data.num_classes is not None}
+    ctx = BuildContext(data=data.dataset(), path=AffinePath("linear"), source=data.source,
+                       num_classes=data.num_classes, teacher=Counted(teacher, ledger, "teacher"),
+                       record=meta.__setitem__, seed=cfg.seed)
+    torch.manual_seed(cfg.seed + 5)
+    if spec.make_model is not None:
+        net = spec.make_model(mcfg, meta)
+    else:
+        net = copy.deepcopy(teacher).requires_grad_(True).train()
+    stages = spec.build(mcfg, ctx)
+    tc = TrainConfig(steps=steps, batch_size=fp.batch, lr=fp.lr, ema_decay=0.999, progress=False, log_every=0,
+                     ckpt_every=0, device="cpu")
     t0 = time.perf_counter()
-    net, rec = train_stages(
-        student,
-        [Stage("boss-refine", objective, data.dataset(), fp.batch, 2e-4, budget)],
-        data,
-        ledger,
-        cfg.seed,
+    _, recs, _ = train_stages(Counted(net, ledger, name), stages, data.dataset(), tc,
+                              seed_of=lambda k: cfg.seed * 100 + k)
+    return net.eval(), mcfg, meta, ledger, [asdict(r) for r in recs], time.perf_counter() - t0
+
+
+def _method_sampler(name: str, net: Any, mcfg: Any, meta: dict[str, Any], data: BenchData, teacher: Any,
+                    nfe: int, info: dict[str, Any]) -> Callable:
+    """``(x0, cond) -> (x, nfe)`` through :func:`fewflow.sampling.generate` with the method's sampler."""
+    from dataclasses import asdict
+
+    from fewflow.config import DataSpec, ObjectiveSpec, RunConfig
+    from fewflow.sampling import generate, sampling_plan
+
+    run_cfg = RunConfig(data=DataSpec(name=data.name), method={"name": name, **asdict(mcfg)},
+                        objective=ObjectiveSpec(conditional=data.num_classes is not None), meta=meta)
+    info["n_refine"] = int(getattr(sampling_plan(net, run_cfg, nfe, teacher).stepper, "n_refine", 0))
+
+    def fn(x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, int]:
+        r = generate(net, run_cfg, x0.shape[0], nfe=nfe, x0=x0, label=cond.get("y"), teacher=teacher,
+                     check_finite=False)
+        info["steps"] = int(r.times.numel() - 1)
+        info["refiner_calls"] = int(getattr(r.carry, "refiner_calls", 0) or 0)
+
+        return r.x, r.nfe
+
+    return fn
+
+
+def part_boss_refined(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str, Any]:
+    """BOSS phase 2 (the registry's ``boss_refine``): fine-tune a copy of the teacher on the reference
+    segments of its K = 1, 2, 4, 8 Bellman grids (lr 2e-4 as the BOSS code), then Euler on those grids."""
+    ks = tuple(k for k in cfg.nfe if k <= 8)
+    values = {"grid_steps": ks, "n_ref": cfg.preset.boss_ref, "fine_steps": 100}
+    net, mcfg, meta, ledger, rec, wall = _train_refiner_method(
+        "boss_refine", cfg, data, teacher, values, cfg.preset.boss_refine_steps
     )
-    wall = time.perf_counter() - t0
-    net.eval()
-    rows = {str(k): _eval(data, _solve_fn(net, s.grid, lambda: "euler")) for k, s in scheds.items()}
-    return {
-        "metrics": rows,
-        "train_wall_s": wall,
-        "train_evals": ledger.evals,
-        "stages": rec,
-        "reference_draws": int(ref.states.shape[1]),
-    }
+    rows = {str(k): _eval(data, _method_sampler("boss_refine", net, mcfg, meta, data, None, k, {}))
+            for k in ks}
+    return {"metrics": rows, "train_wall_s": wall, "train_evals": ledger.evals, "stages": rec,
+            "reference_draws": cfg.preset.boss_ref, "grids": meta.get("grids")}
 
 
 def part_flowturbo_refiner(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str, Any]:
-    """Train a ``FlowTurboRefiner`` (``FlowTurboRefinerLoss``) on the frozen teacher; sample with 1 Heun +
-    P pseudo + R refiner blocks at predictor NFE 4, 8, 16 (R ~ 30 % of the steps, as the code's 3 of 9)."""
-    from fewflow.objectives.flowturbo_refiner import FlowTurboRefinerLoss
-    from fewflow.solvers.flowturbo import FlowTurboRefiner, flowturbo_sample
-
-    fp = cfg.fewstep.preset(data.name)
-    ledger = Ledger()
-    torch.manual_seed(cfg.seed + 5)
-    refiner = FlowTurboRefiner(data.dim, hidden=64, depth=2, num_classes=data.num_classes)
-    loss = FlowTurboRefinerLoss(Counted(teacher, ledger, "teacher"), source=data.source)
-    budget = cfg.preset.refiner_steps * fp.batch * 5.0  # 2 teacher forwards + refiner forward/backward
-    t0 = time.perf_counter()
-    net, rec = train_stages(
-        Counted(refiner, ledger, "refiner"),
-        [Stage("refiner", loss, data.dataset(), fp.batch, 1e-3, budget)],
-        data,
-        ledger,
-        cfg.seed,
+    """Train the registry's ``flowturbo_refiner`` on the frozen teacher; sample with 1 Heun + P pseudo + R
+    refiner blocks at predictor NFE 4, 8, 16 (R ~ 30 % of the steps, as the code's 3 of 9)."""
+    net, mcfg, meta, ledger, rec, wall = _train_refiner_method(
+        "flowturbo_refiner", cfg, data, teacher, {"hidden": 64, "depth": 2}, cfg.preset.refiner_steps
     )
-    wall = time.perf_counter() - t0
-    net.eval()
     rows = {}
     for k in (n for n in cfg.nfe if n >= 4):
-        n_refine = max(1, round(0.3 * (k - 1) / 0.7))
-        counts: dict[str, int] = {}
-
-        def fn(x0: torch.Tensor, cond: dict, k: int = k, n_refine: int = n_refine, counts=counts) -> tuple:
-            r = flowturbo_sample(
-                teacher, x0, n_heun=1, n_pseudo=k - 2, n_refine=n_refine, refiner=net, cond=cond
-            )
-            counts["refiner"] = r.nfe_refiner
-            return r.x, r.nfe_predictor
-
-        m = _eval(data, fn)
-        rows[str(k)] = {
-            **m,
-            "n_refine": n_refine,
-            "steps": k - 1 + n_refine,
-            "refiner_calls": counts.get("refiner", 0),
-        }
+        info: dict[str, Any] = {}
+        m = _eval(data, _method_sampler("flowturbo_refiner", net, mcfg, meta, data, teacher, k, info))
+        rows[str(k)] = {**m, **info}
     return {"metrics": rows, "train_wall_s": wall, "train_evals": ledger.evals, "stages": rec}
+
+
 
 
 def part_pruning(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str, Any]:
@@ -411,7 +403,7 @@ def run_dataset(cfg: SamplersConfig, name: str) -> dict[str, Any]:
     cost = boss_cost_matrix(teacher, reference=ref)
     parts: dict[str, Callable[[], dict[str, Any]]] = {
         "grid": lambda: part_grid(cfg, data, teacher, cost),
-        "boss_refined": lambda: part_boss_refined(cfg, data, teacher, ref, cost),
+        "boss_refined": lambda: part_boss_refined(cfg, data, teacher),
         "flowturbo_refiner": lambda: part_flowturbo_refiner(cfg, data, teacher),
         "pruning": lambda: part_pruning(cfg, data, teacher),
     }
@@ -520,7 +512,7 @@ def check_sampler_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, A
                 raags = {n: v[k] for n, v in gd.items() if n.startswith("RAAG")}
                 bc = min(cfgs, key=lambda n: cfgs[n]["fd"])
                 br_ = min(raags, key=lambda n: raags[n]["fd"])
-                ok = raags[br_]["fd"] <= cfgs[bc]["fd"] and raags[br_]["acc"] >= cfgs[bc]["acc"]
+                ok = raags[br_]["fd"] <= cfgs[bc]["fd"] and raags[br_]["accuracy"] >= cfgs[bc]["accuracy"]
                 claims.append(
                     {
                         "dataset": name,
@@ -562,7 +554,7 @@ def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s
     panels = {}
     for name, r in results.items():
         met = r["metric"]
-        pretty = {"sw2": "sliced-W2", "fd": "FD-digits"}[met]
+        pretty = {"sliced_w2": "sliced-W2", "fd": "FD-digits"}[met]
         lines += [f"## {name} ({r['source']} -> {name}; {pretty}, lower is better)", ""]
         grid = r.get("grid", {})
         if "error" in grid:
@@ -618,7 +610,7 @@ def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s
             lines += [f"FlowTurbo refiner FAILED: {ft['error']}", ""]
         pr = r.get("pruning", {})
         if "metrics" in pr:
-            sec = "mmd" if r["kind"] == "toy" else "acc"
+            sec = "mmd" if r["kind"] == "toy" else "accuracy"
             prow = [
                 [
                     f"Euler NFE {k}",
@@ -645,7 +637,7 @@ def write_report(cfg: SamplersConfig, results: dict[str, dict[str, Any]], wall_s
         gd = r.get("guidance", {})
         if "metrics" in gd:
             grows = [
-                [n] + [v[k]["fd"] for k in ("2", "4", "8")] + [v[k]["acc"] for k in ("2", "4", "8")]
+                [n] + [v[k]["fd"] for k in ("2", "4", "8")] + [v[k]["accuracy"] for k in ("2", "4", "8")]
                 for n, v in gd["metrics"].items()
             ]
             lines += [

@@ -7,6 +7,9 @@ prefetcher that takes the OT solve off the training critical path, and reflow pa
 teacher (Rectified Flow, Liu et al. 2022) streamed from safetensors shards.
 """
 
+from typing import Any
+
+from fewflow._validate import FewflowError, unknown_name
 from fewflow.couplings.base import Coupling, CouplingResult, IndependentCoupling, pairwise_cost
 from fewflow.couplings.ot import (
     ClassConditionalOT,
@@ -19,10 +22,6 @@ from fewflow.couplings.ot import (
 from fewflow.couplings.prefetch import PrefetchCoupler
 from fewflow.couplings.reflow import ReflowPairs, generate_reflow_pairs
 from fewflow.couplings.weighted import WeightedCoupling, effective_sample_size, gibbs_weights
-
-from typing import Any
-
-from fewflow._validate import FewflowError, unknown_name
 
 #: couplings by name (``objective.coupling`` of a run config): (class, default keyword arguments)
 COUPLINGS: dict[str, tuple[type, dict[str, Any]]] = {

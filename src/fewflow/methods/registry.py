@@ -393,9 +393,10 @@ def get_method(name: str) -> MethodSpec:
 
 
 def list_methods(*, family: str | None = None, variants: bool = True) -> list[MethodSpec]:
-    """Registered methods in registration order (methods before their variants)."""
+    """Registered methods by name, each variant right after its method."""
     _load_all()
-    out = [s for s in _REGISTRY.values() if (family is None or s.family == family)]
+    specs = sorted(_REGISTRY.values(), key=lambda s: (s.variant_of or s.name, bool(s.variant_of), s.name))
+    out = [s for s in specs if (family is None or s.family == family)]
     if not variants:
         out = [s for s in out if s.variant_of is None]
     return out

@@ -153,7 +153,7 @@ register(MethodSpec(
     label="FlowTurbo refiner",
     paper="Zhao et al., FlowTurbo: Towards Real-time Flow-Based Image Generation with Velocity Refiner "
     "(2409.18128)",
-    summary="a tiny network predicting the velocity change late in sampling (Heun, pseudo-corrector, refiner)",
+    summary="a tiny network predicting the velocity change late in sampling (Heun, pseudo, refiner)",
     config=FlowTurboRefinerConfig,
     loss=FlowTurboRefinerLoss,
     build=_build_turbo,

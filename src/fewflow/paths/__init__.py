@@ -4,10 +4,10 @@ rescheduling, and stochastic interpolants (t = 0 source, t = 1 data)."""
 from fewflow.paths.affine import PREDICTIONS, AffinePath, PathSample, RescheduledVelocity, reschedule
 from fewflow.paths.interpolant import StochasticInterpolant
 from fewflow.paths.schedules import (
+    SCHEDULES,
     CosineSchedule,
     FunctionSchedule,
     LinearSchedule,
-    SCHEDULES,
     PolynomialSchedule,
     Schedule,
     VPSchedule,

@@ -52,13 +52,13 @@ def steps_for_nfe(stepper: str, nfe: int, *, exact: bool = False) -> int:
     nfe = _check_nfe(nfe)
     if stepper == "flowturbo":
         if nfe < 3:
-            raise FewflowError(f"flowturbo needs nfe >= 3 (one Heun step + pseudo-corrector steps), got {nfe}")
+            raise FewflowError(f"flowturbo needs nfe >= 3 (a Heun step + pseudo-corrector steps), got {nfe}")
         return nfe - 1
     per = nfe_per_step(stepper)
     if nfe < per:
         raise FewflowError(f"stepper {stepper!r} spends {per} evaluations per step; nfe={nfe} is too small")
     if exact and nfe % per:
-        raise FewflowError(f"stepper {stepper!r} spends {per} evaluations per step; nfe={nfe} is not a multiple")
+        raise FewflowError(f"stepper {stepper!r} spends {per} evaluations per step; nfe={nfe} is no multiple")
     return nfe // per
 
 

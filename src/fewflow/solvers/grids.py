@@ -17,7 +17,9 @@ from torch import Tensor
 
 from fewflow._validate import FewflowError
 
-__all__ = ["GRIDS", "get_grid", "uniform_grid", "shifted_grid", "edm_grid", "logsnr_grid", "as_grid", "shift_time"]
+__all__ = [
+    "GRIDS", "get_grid", "uniform_grid", "shifted_grid", "edm_grid", "logsnr_grid", "as_grid", "shift_time",
+]
 
 
 def _check_steps(n: int) -> int:
