@@ -15,11 +15,8 @@ from fewflow.bench.common import (
     JVP,
     Counted,
     Ledger,
-    Stage,
     budget_steps,
     count_step,
-    load_bench_data,
-    train_stages,
 )
 from fewflow.models import MLP
 
@@ -79,31 +76,6 @@ def test_count_step_matches_hand_count_and_leaves_ledger_alone() -> None:
     assert budget_steps(1000.0, 96.0) == 10 and budget_steps(10.0, 96.0) == 1
 
 
-def test_train_stages_spends_the_budget() -> None:
-    from fewflow.objectives import CFMLoss
-    from fewflow.paths import AffinePath
-
-    data = load_bench_data("checkerboard", n_train=512, n_eval=64)
-    ledger = Ledger()
-    budget = 1000.0
-    per = 16 * (FWD + BWD)
-    net, recs = train_stages(
-        Counted(_mlp(), ledger),
-        [
-            Stage("a", CFMLoss(AffinePath("linear")), data.dataset(), 16, 1e-3, budget),
-            Stage("b", CFMLoss(AffinePath("linear")), data.dataset(), 16, 1e-3, budget / 2),
-        ],
-        data,
-        ledger,
-        seed=0,
-    )
-    assert isinstance(net, MLP)
-    assert [r["steps"] for r in recs] == [int(budget // per), int(budget / 2 // per)]
-    assert recs[0]["evals"] == recs[0]["steps"] * per
-    assert budget * 1.5 - 2 * per < ledger.evals <= budget * 1.5
-    assert ledger.evals == sum(r["evals"] for r in recs)
-
-
 def _fake(kind: str, teacher: dict, methods: dict) -> dict:
     met = "sliced_w2" if kind == "toy" else "fd"
     return {
@@ -137,9 +109,11 @@ def test_claims_are_computed_from_the_numbers() -> None:
 
 @pytest.mark.slow
 def test_fewstep_smoke_tables_and_cache(tmp_path) -> None:
-    from fewflow.bench.fewstep import ABLATIONS, METHODS, FewstepConfig, run
+    from fewflow.bench.fewstep import FewstepConfig, run
+    from fewflow.methods import list_methods
 
-    methods = (*METHODS, "meanflow_ratio0")
+    fewstep = list_methods(family="fewstep")
+    methods = (*[s.name for s in fewstep if not s.ablation], "meanflow_ratio0")
     cfg = FewstepConfig(
         mode="smoke",
         datasets=("checkerboard",),
@@ -163,7 +137,10 @@ def test_fewstep_smoke_tables_and_cache(tmp_path) -> None:
         assert r["train_evals"] > budget - slack - 1e-6, m
     # pair generation is paid from the budget
     assert res["methods"]["reflow"]["ledger"]["pair-teacher:fwd"] > 0
-    assert "meanflow_wrong_tangents" in ABLATIONS
+    assert "meanflow_wrong_tangents" in {s.name for s in fewstep if s.ablation}
+    # the two-stage methods split the budget left after their pairs between their stages
+    assert [st["stage"] for st in res["methods"]["mdt_vd"]["stages"]] == ["vm", "vm+vd"]
+    assert [st["stage"] for st in res["methods"]["reflow2"]["stages"]] == ["reflow-1", "reflow-2"]
     md = (tmp_path / "out" / "fewstep.md").read_text()
     for label in ("Reflow (2-RF)", "MeanFlow", "MDT-dist VM+VD", "Shortcut", "teacher (Euler)", "Claims"):
         assert label in md
@@ -196,7 +173,7 @@ def test_fewstep_smoke_tables_and_cache(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_samplers_smoke_tables(tmp_path) -> None:
-    from fewflow.bench.samplers import SCHEDULES, SamplersConfig, run
+    from fewflow.bench.samplers import GRID_NAMES, SamplersConfig, run
 
     cfg = SamplersConfig(
         mode="smoke",
@@ -210,7 +187,7 @@ def test_samplers_smoke_tables(tmp_path) -> None:
     for name in ("checkerboard", "digits"):
         r = out["results"][name]
         met = "sliced_w2" if name == "checkerboard" else "fd"
-        for sched in SCHEDULES:
+        for sched in GRID_NAMES:
             assert set(r["grid"][f"{sched}/euler"]) == {"1", "2", "4"}
             assert set(r["grid"][f"{sched}/heun"]) == {"2", "4"}
             assert set(r["grid"][f"{sched}/flowturbo"]) == {"4"}

@@ -14,7 +14,6 @@ from fewflow.metrics import sliced_wasserstein
 from fewflow.models.blockwise import (
     BlockwiseVelocity,
     FRNVelocity,
-    blockwise_sample,
     count_linear_macs,
     count_parameters,
     segment_boundaries,
@@ -22,7 +21,13 @@ from fewflow.models.blockwise import (
     segment_index,
 )
 from fewflow.models.mlp import MLP
-from fewflow.objectives.blockwise import BlockwiseFMLoss, FRNLoss, SegmentTime, segment_split_sizes
+from fewflow.objectives.blockwise import (
+    BlockwiseFMLoss,
+    FRNLoss,
+    SegmentTime,
+    blockwise_sample,
+    segment_split_sizes,
+)
 from fewflow.objectives.cfm import CFMLoss
 from fewflow.objectives.time_samplers import TimeSampler
 from fewflow.paths.affine import AffinePath

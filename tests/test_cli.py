@@ -65,22 +65,27 @@ def test_train_writes_a_run_folder(run_dir):
     assert (run_dir / (run_dir / "latest").read_text().strip()).is_dir()
     doc = json.loads((run_dir / "config.json").read_text())
     rc = doc["run_config"]
-    assert rc["data"]["name"] == "checkerboard" and rc["objective"]["method"] == "cfm"
+    assert rc["data"]["name"] == "checkerboard" and rc["method"]["name"] == "cfm"
     assert rc["model"] == {"type": "MLP", "hidden": 32, "depth": 2, "dim": 2}
     assert rc["train"]["steps"] == 40 and rc["meta"]["shape"] == [2]
 
 
-def test_sample_with_issue5_samplers(run_dir, tmp_path):
-    """Every fast sampler / schedule is reachable from `fewflow sample`: BOSS (cached beside the run),
-    logSNR, FlowTurbo (NFE = predictor calls), and RAAG for a conditional run."""
+def test_sample_with_fast_samplers(run_dir, tmp_path):
+    """Every fast sampler / time grid is reachable from `fewflow sample`: BOSS (cached in the user cache
+    folder, never in the run folder), logSNR, FlowTurbo (NFE = predictor calls), RAAG (conditional runs)."""
+    import os
+
     from fewflow.solvers.boss import BossSchedule
 
     out = tmp_path / "s.npy"
-    r = invoke(["sample", str(run_dir), "--schedule", "boss", "--nfe", "3", "--n", "50", "--out", str(out)])
+    before = sorted(p.name for p in run_dir.iterdir())
+    r = invoke(["sample", str(run_dir), "--grid", "boss", "--nfe", "3", "--n", "50", "--out", str(out)])
     assert r.exit_code == 0, r.output + r.stderr
-    saved = BossSchedule.load(run_dir / "boss-K3-fine100.json")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    (saved_path,) = (Path(os.environ["FEWFLOW_CACHE"]) / "boss").glob("*-K3-*.json")
+    saved = BossSchedule.load(saved_path)
     assert len(saved.indices) == 4 and saved.indices[0] == 0 and saved.indices[-1] == 100
-    for extra in (["--schedule", "logsnr", "--nfe", "4"], ["--solver", "flowturbo", "--nfe", "5"]):
+    for extra in (["--grid", "logsnr", "--nfe", "4"], ["--solver", "flowturbo", "--nfe", "5"]):
         r = invoke(["sample", str(run_dir), *extra, "--n", "50", "--out", str(out)])
         assert r.exit_code == 0, r.output + r.stderr
         assert np.load(out).shape == (50, 2) and np.isfinite(np.load(out)).all()
@@ -104,7 +109,7 @@ def test_norm_aligned_source_scale_travels_with_the_run(tmp_path):
     """`--source norm_aligned`: the scale fitted on the data at training time is stored in the run's meta
     and used at sampling, so sampling needs no data and matches the training source."""
     from fewflow.data import load_dataset
-    from fewflow.run import build_source, load_run
+    from fewflow.runs import build_source, load_run
     from fewflow.sources import gaussian_mean_norm
 
     out = tmp_path / "na"
@@ -159,7 +164,7 @@ def test_sample_formats(run_dir, tmp_path):
             str(run_dir),
             "--nfe",
             "6",
-            "--schedule",
+            "--grid",
             "edm",
             "--n",
             "200",

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fewflow.config import default_config
 from fewflow.metrics import class_histogram, classifier_accuracy, fd_digits
-from fewflow.run import default_config, generate, load_run, train_run
+from fewflow.runs import load_run, train_run
+from fewflow.sampling import generate
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ class Recorder:
 
 
 def _reference_pseudo_corrector(v, x, n_heun, n_pseudo):
-    """The notes' pseudocode, written independently: Heun steps pass on the velocity at the predicted
+    """The block recursion, written independently: Heun steps pass on the velocity at the predicted
     point, pseudo-corrector steps reuse it as their first velocity."""
     n = n_heun + n_pseudo
     ts = torch.linspace(0, 1, n + 1, dtype=torch.float64)
@@ -114,8 +114,8 @@ def test_refiner_steps_mechanics(gen):
 def test_second_refiner_call_is_conditioned_on_the_refined_velocity(gen):
     """Refiner block: d = c + r(x_i, t_i, c), x~ = x_i + h d, d' = d + r(x~, t_{i+1}, d). The second call
     sees the velocity d that moved x_i to x~ -- exactly the refiner objective's r(x + dt v, t + dt, v) --
-    and its increment is added to that same d (the paper's d_i / d_{i+1} recursion; integrators.py).
-    Conditioning it on the stale c instead (models_assemble.py) breaks the increment's meaning."""
+    and its increment is added to that same d (the d_i / d_{i+1} recursion of the released integrators.py).
+    Conditioning it on the stale c instead (as models_assemble.py does) breaks the increment's meaning."""
     field = _field()
     x0 = torch.randn(64, 2, generator=gen, dtype=torch.float64)
     seen = []
@@ -135,7 +135,8 @@ def test_second_refiner_call_is_conditioned_on_the_refined_velocity(gen):
     torch.testing.assert_close(res.x, heun, rtol=1e-12, atol=1e-12)  # oracle refiner steps = Heun steps
 
     # the stale-conditioned variant, written out: same oracle, second call fed the old c
-    heun2 = solve(field, x0, grid=torch.linspace(0, 0.4, 3, dtype=torch.float64), stepper=FlowTurboStepper(2, 0))
+    grid = torch.linspace(0, 0.4, 3, dtype=torch.float64)
+    heun2 = solve(field, x0, grid=grid, stepper=FlowTurboStepper(2, 0))
     x, c = heun2.x, heun2.carry.v_cache
     for i in range(2, 5):
         t, tn = (torch.full((64,), k / 5, dtype=torch.float64) for k in (i, i + 1))

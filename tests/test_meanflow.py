@@ -351,7 +351,7 @@ def test_meanflow_one_step_beats_cfm_euler_on_moons():
     cfm = train(MLP(2, hidden=64, depth=2), CFMLoss(AffinePath(LinearSchedule())))
     torch.manual_seed(0)
     mf_model = MLP(2, hidden=64, depth=2, flow_map=True, time_features="fourier", num_frequencies=3)
-    # toy-scale settings from the calibration notes: uniform (s, t), 75% s != t, plain MSE
+    # toy-scale settings from calibration runs: uniform (s, t), 75% s != t, plain MSE
     mf = train(mf_model, MeanFlowLoss(time_sampler=TimePairSampler.uniform(), ratio=0.75, adaptive_p=0.0))
     zeros, ones = torch.zeros(2000), torch.ones(2000)
     with torch.no_grad():

@@ -62,15 +62,15 @@ from fewflow.bench.fewstep import RESULTS, FewstepConfig, bench_data, teacher_fo
 __all__ = [
     "SamplersConfig",
     "SAMPLER_PRESETS",
-    "SCHEDULES",
+    "GRID_NAMES",
     "STEPPERS",
     "run",
     "main",
-    "schedule_grid",
+    "time_grid",
     "check_sampler_claims",
 ]
 
-SCHEDULES = ("uniform", "shift", "edm", "logsnr", "boss")
+GRID_NAMES = ("uniform", "shift", "edm", "logsnr", "boss")
 STEPPERS = ("euler", "midpoint", "heun", "flowturbo")
 
 
@@ -134,7 +134,7 @@ def _log(cfg: SamplersConfig, msg: str) -> None:
 # ----------------------------------------------------------------------------------------- grids
 
 
-def schedule_grid(name: str, steps: int, boss_cost: torch.Tensor | None = None) -> torch.Tensor:
+def time_grid(name: str, steps: int, boss_cost: torch.Tensor | None = None) -> torch.Tensor:
     """The ``steps``-step time grid ``name`` (:func:`fewflow.solvers.get_grid`: uniform, shift = SD3's
     shift 3, EDM's rho = 7 spacing, uniform in log-SNR of the linear schedule), or the BOSS Bellman
     schedule of the teacher's cost matrix ``boss_cost``."""
@@ -188,7 +188,7 @@ def _solve_fn(model: Any, grid: torch.Tensor, stepper_factory: Callable[[], Any]
 def part_grid(cfg: SamplersConfig, data: BenchData, teacher: Any, boss_cost: torch.Tensor) -> dict[str, Any]:
     """Schedule x stepper x NFE table."""
     out: dict[str, Any] = {}
-    for sched in SCHEDULES:
+    for sched in GRID_NAMES:
         for st in STEPPERS:
             row = {}
             for k in cfg.nfe:
@@ -196,7 +196,7 @@ def part_grid(cfg: SamplersConfig, data: BenchData, teacher: Any, boss_cost: tor
                 if plan is None:
                     continue
                 steps, factory = plan
-                grid = schedule_grid(sched, steps, boss_cost)
+                grid = time_grid(sched, steps, boss_cost)
                 row[str(k)] = _eval(data, _solve_fn(teacher, grid, factory))
             out[f"{sched}/{st}"] = row
     return out
@@ -424,7 +424,7 @@ def run_dataset(cfg: SamplersConfig, name: str) -> dict[str, Any]:
         res[part]["wall_s"] = time.perf_counter() - t0
         atomic_write_json(path, res[part])
         _log(cfg, f"{name}/{part}: done in {res[part]['wall_s']:.0f} s")
-    res["boss_grids"] = {str(k): schedule_grid("boss", k, cost).tolist() for k in cfg.nfe}
+    res["boss_grids"] = {str(k): time_grid("boss", k, cost).tolist() for k in cfg.nfe}
     return res
 
 

@@ -196,6 +196,7 @@ class MethodSpec:
     make_model: ``make_model(cfg, meta) -> nn.Module`` for ``needs.model == "custom"``.
     small_scale: overrides of config fields that fewflow's 2-D and 8x8 benchmarks use (documented on the
         method's docs page with the reason).
+    docs: the method's page under ``docs/methods/`` (its stem; default: the name).
     version: bump when the recipe changes, so cached benchmark results are not reused.
     family: ``"base"`` (trains a model from data), ``"fewstep"`` (a few-step model) or ``"refiner"``
         (fine-tunes a sampler of a trained model); variant_of / ablation: for registered variants.
@@ -214,6 +215,7 @@ class MethodSpec:
     make_model: Callable[..., Any] | None = None
     recipe_fields: tuple[str, ...] = ()
     small_scale: Mapping[str, Any] = field(default_factory=dict)
+    docs: str = ""
     version: int = 1
     family: str = "base"
     variant_of: str | None = None
@@ -283,6 +285,7 @@ class MethodSpec:
             "paper": self.paper,
             "summary": self.summary,
             "family": self.family,
+            "docs": f"docs/methods/{self.docs or self.variant_of or self.name}.md",
             "needs": self.needs.describe(),
             "needs_detail": dataclasses.asdict(self.needs),
             "default_sampler": dataclasses.asdict(self.sampler),

@@ -23,7 +23,7 @@ approximated from the features computed once at the segment start:
 with a small residual network ``r_psi`` (zero-initialised output, trained by
 :class:`fewflow.objectives.blockwise.FRNLoss` with everything else frozen). :class:`FRNVelocity` wraps a
 model into an ordinary velocity model ``v(x, t, y=None)`` that runs the feature network once per segment
-and ``r_psi`` on the other steps, so ``fewflow.solvers.solve`` samples it unchanged.
+and ``r_psi`` on the other steps, so the shared solver loop samples it unchanged.
 
 At our scale each piece is a FiLM residual MLP (:class:`fewflow.models.mlp.MLP`'s block) on flattened
 inputs, in place of the paper's transformers (feature network depth 20, blocks depth 5, FRN depth 4).
@@ -32,7 +32,7 @@ inputs, in place of the paper's transformers (feature network depth 20, blocks d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,7 +46,6 @@ from fewflow.models.mlp import _ResBlock
 __all__ = [
     "BlockwiseVelocity",
     "FRNVelocity",
-    "blockwise_sample",
     "count_linear_macs",
     "count_parameters",
     "segment_boundaries",
@@ -391,26 +390,6 @@ class FRNVelocity:
             h = m.frn_features(x, tb, h_start, t_anchor, y, context=c)
             self._cache = (k, t_anchor, t0, shape, h_start)
         return m.velocity(x, tb, h, y, context=c)
-
-
-def blockwise_sample(
-    model: BlockwiseVelocity,
-    x0: Tensor,
-    steps_per_segment: int = 4,
-    *,
-    use_frn: bool = False,
-    stepper: Any = "euler",
-    cond: Mapping[str, Any] | None = None,
-    **solve_kw: Any,
-) -> Any:
-    """The BFM sampler: ``steps_per_segment`` steps in each segment on :func:`segment_grid`, through
-    :func:`fewflow.solvers.solve` (so NFE counting, trajectories and callbacks are the shared loop's).
-    With ``use_frn`` the feature network runs once per segment (:class:`FRNVelocity`)."""
-    from fewflow.solvers import solve
-
-    grid = segment_grid(model.boundaries, steps_per_segment)
-    f: Callable[..., Tensor] = model.frn_sampler() if use_frn else model
-    return solve(f, x0, grid=grid, stepper=stepper, cond=cond, **solve_kw)
 
 
 # ------------------------------------------------------------------------------------------ cost counting

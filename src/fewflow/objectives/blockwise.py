@@ -31,7 +31,7 @@ the same ``alpha`` (same segment edges) that :class:`fewflow.models.blockwise.FR
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ from fewflow.methods.registry import (
     Stage,
     register,
 )
-from fewflow.models.blockwise import BlockwiseVelocity, segment_boundaries, segment_index
+from fewflow.models.blockwise import BlockwiseVelocity, segment_boundaries, segment_grid, segment_index
 from fewflow.objectives.base import LossOutput
 from fewflow.objectives.cfm import CFMLoss
 from fewflow.objectives.time_samplers import TimeSampler
@@ -314,6 +314,26 @@ class FRNLoss:
 
     def __repr__(self) -> str:
         return f"FRNLoss(path={self.path!r})"
+
+
+def blockwise_sample(
+    model: BlockwiseVelocity,
+    x0: Tensor,
+    steps_per_segment: int = 4,
+    *,
+    use_frn: bool = False,
+    stepper: Any = "euler",
+    cond: Mapping[str, Any] | None = None,
+    **solve_kw: Any,
+) -> Any:
+    """The BFM sampler: ``steps_per_segment`` steps in each segment on :func:`segment_grid`, through
+    :func:`fewflow.solvers.solve` (so NFE counting, trajectories and callbacks are the shared loop's).
+    With ``use_frn`` the feature network runs once per segment (:class:`FRNVelocity`)."""
+    from fewflow.solvers import solve
+
+    grid = segment_grid(model.boundaries, steps_per_segment)
+    f: Callable[..., Tensor] = model.frn_sampler() if use_frn else model
+    return solve(f, x0, grid=grid, stepper=stepper, cond=cond, **solve_kw)
 
 
 # --------------------------------------------------------------------------- registration

@@ -234,6 +234,7 @@ register(MethodSpec(
     label="BOSS refinement",
     paper="Nguyen et al., Bellman Optimal Step-size Straightening of Flow-Matching Models (2312.16414)",
     summary="fit Bellman-optimal K-step grids of a teacher, then fine-tune it to jump along them (Euler)",
+    docs="boss",
     config=BossRefineConfig,
     loss=BossRefineLoss,
     build=_build_boss,

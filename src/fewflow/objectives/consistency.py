@@ -435,6 +435,7 @@ register(MethodSpec(
     label="Shortcut",
     paper="Frans et al., One Step Diffusion via Shortcut Models (2410.12557)",
     summary="a flow map trained from scratch: flow matching at d = 0 plus self-consistency of two half steps",
+    docs="consistency",
     config=ShortcutConfig,
     loss=ShortcutLoss,
     build=_build_shortcut,

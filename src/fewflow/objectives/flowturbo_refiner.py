@@ -154,6 +154,7 @@ register(MethodSpec(
     paper="Zhao et al., FlowTurbo: Towards Real-time Flow-Based Image Generation with Velocity Refiner "
     "(2409.18128)",
     summary="a tiny network predicting the velocity change late in sampling (Heun, pseudo, refiner)",
+    docs="flowturbo",
     config=FlowTurboRefinerConfig,
     loss=FlowTurboRefinerLoss,
     build=_build_turbo,

@@ -201,6 +201,7 @@ register(MethodSpec(
     paper="Albergo, Boffi & Vanden-Eijnden, Stochastic Interpolants: A Unifying Framework for Flows and "
     "Diffusions (2303.08797)",
     summary="x_t = alpha x0 + beta x1 + gamma z; the drift b(x, t) by its quadratic loss, sampled as an ODE",
+    docs="stochastic_interpolants",
     config=InterpolantConfig,
     loss=InterpolantVelocityLoss,
     build=_build_interpolant,

@@ -120,7 +120,7 @@ class TimePairSampler:
 
     @classmethod
     def uniform(cls) -> TimePairSampler:
-        """Sorted pair of ``U[0, 1]`` draws (the best choice at toy scale per the calibration notes)."""
+        """Sorted pair of ``U[0, 1]`` draws (the best choice at toy scale in calibration runs)."""
         return cls(UniformTime())
 
     @classmethod

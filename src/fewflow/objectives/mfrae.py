@@ -29,7 +29,8 @@ code put noise at t = 1). The student is a flow-map model ``u(x, s, t)``,
 Defaults from the official code: (s, t) from two uniform draws shifted by ``sqrt(D/4096)`` (``shift``
 here; 1 = unshifted at toy scale), sorted, 1/4 of rows with ``s != t``; the other 3/4 are boundary rows
 ``s = t`` at the *start* draw ``s`` (the code sets ``r = t`` at its noise-side time, our ``s``); label
-dropout 0.1 when labels are given, no CFG. Sample in 1-2 steps with ``fewflow.solvers.solve(student, x0, steps=k)`` (flow-map jumps).
+dropout 0.1 when labels are given, no CFG. Sample in 1-2 steps with
+``fewflow.solvers.solve(student, x0, steps=k)`` (flow-map jumps).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""RunConfig: round trips, validation messages, registry, builders."""
+"""RunConfig (fewflow.config), run-folder builders (fewflow.runs) and the sampling pipeline
+(fewflow.sampling): round trips, validation messages, numeric parsing, builders, generate."""
 
 from __future__ import annotations
 
@@ -8,24 +9,10 @@ import pytest
 import torch
 
 from fewflow import FewflowError
-from fewflow.run import (
-    RunConfig,
-    build_coupling,
-    build_data,
-    build_grid,
-    build_model_from_config,
-    build_objective,
-    build_time_sampler,
-    build_train_config,
-    default_config,
-    generate,
-    get_method,
-    list_methods,
-    read_config,
-    register_method,
-    resolve_model_config,
-    steps_for_nfe,
-)
+from fewflow.config import RunConfig, default_config, read_config
+from fewflow.runs import build_context, build_data, build_model, resolve_model_config
+from fewflow.sampling import generate
+from fewflow.solvers import get_grid, steps_for_nfe
 
 
 def test_round_trip_dict_and_json(tmp_path):
@@ -60,12 +47,14 @@ def test_defaults_per_data_set():
 @pytest.mark.parametrize(
     "patch, words",
     [
-        ({"bogus": 1}, ["unknown run-config key", "bogus"]),
+        ({"bogus": 1}, ["unknown key", "bogus"]),
         ({"objective": {"nope": 1}}, ["unknown key", "nope", "objective"]),
         ({"data": {"name": "cifar"}}, ["unknown data set", "cifar", "checkerboard"]),
-        ({"objective": {"method": "magic"}}, ["unknown method", "magic", "cfm"]),
+        ({"method": {"name": "magic"}}, ["unknown method", "magic", "cfm"]),
+        ({"method": {"name": "meanflow", "ratoi": 0.5}}, ["unknown key", "ratoi", "did you mean 'ratio'"]),
+        ({"method": {"name": "meanflow", "ratio": "lots"}}, ["method.ratio", "number"]),
         ({"objective": {"coupling": "otx"}}, ["unknown coupling", "otx", "sinkhorn"]),
-        ({"objective": {"schedule": "wiggly"}}, ["unknown schedule", "wiggly"]),
+        ({"objective": {"path": "wiggly"}}, ["unknown path schedule", "wiggly"]),
         ({"objective": {"time_sampler": "beta"}}, ["unknown time sampler", "beta"]),
         ({"objective": {"source": "laplace"}}, ["unknown source", "laplace"]),
         ({"objective": {"label_dropout": 1.5}}, ["label_dropout", "[0, 1)"]),
@@ -75,14 +64,14 @@ def test_defaults_per_data_set():
         ({"model": {"type": "ResNet"}}, ["unknown model type", "ResNet"]),
         ({"model": {"hidden": 3}}, ["model", "type"]),
         ({"data": {"n": -5}}, ["data.n", "positive"]),
-        ({"train": {"stepz": 5}}, ["unknown key", "stepz", "train"]),
+        ({"train": {"stepz": 5}}, ["unknown key", "stepz", "train", "did you mean 'steps'"]),
         ({"version": 99}, ["version", "99"]),
     ],
 )
 def test_bad_values_name_the_problem(patch, words):
     d = default_config("checkerboard").to_dict()
     for k, v in patch.items():
-        if isinstance(v, dict) and k != "model":
+        if isinstance(v, dict) and k not in ("model", "method"):
             d[k].update(v)
         else:
             d[k] = v
@@ -110,28 +99,31 @@ def test_read_config_errors(tmp_path):
         read_config(lst)
 
 
-def test_method_registry():
-    assert "cfm" in list_methods()
-    calls = []
+def test_numbers_from_strings_and_yaml(tmp_path):
+    """``--set train.lr=3e-4`` and ``lr: 3e-4`` in YAML are numbers (YAML 1.1 reads 3e-4 as a string)."""
+    sets = {"train.lr": "3e-4", "method.name": "meanflow", "method.ratio": "5e-1"}
+    cfg = default_config("moons").replace(sets)
+    assert cfg.train["lr"] == 3e-4 and isinstance(cfg.train["lr"], float)
+    assert cfg.method["ratio"] == 0.5
+    y = tmp_path / "c.yaml"
+    y.write_text("data: {name: moons}\ntrain: {lr: 3e-4, steps: 10}\n")
+    assert read_config(y)["train"]["lr"] == 3e-4
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [1, 2]\nb: [*a, *a]\n")
+    with pytest.raises(FewflowError, match="aliases"):
+        read_config(bomb)
 
-    def builder(cfg, data):
-        calls.append((cfg.data.name, tuple(data.x.shape[1:])))
-        return "objective"
 
-    register_method("test-method", builder, description="a stand-in")
-    try:
-        with pytest.raises(FewflowError, match="already registered"):
-            register_method("test-method", builder)
-        cfg = default_config("moons").replace({"objective.method": "test-method", "data.n": 64})
-        assert build_objective(cfg, build_data(cfg)) == "objective"
-        assert calls == [("moons", (2,))]
-        assert get_method("test-method").description == "a stand-in"
-    finally:
-        from fewflow import run
-
-        run._METHODS.pop("test-method")
-    with pytest.raises(FewflowError, match="unknown method"):
-        get_method("test-method")
+def test_method_section_is_filled_with_the_method_defaults():
+    cfg = default_config("moons").replace({"method.name": "meanflow"})
+    assert cfg.method["name"] == "meanflow"
+    assert cfg.method["ratio"] == 0.25 and cfg.method["adaptive_p"] == 1.0
+    # switching the method drops the previous method's fields
+    back = cfg.replace({"method.name": "cfm"})
+    assert back.method == {"name": "cfm", "sigma_path_noise": None}
+    # a variant's fixed field cannot be set to something else
+    with pytest.raises(FewflowError, match="fixes ratio"):
+        default_config("moons").replace({"method.name": "meanflow_ratio0", "method.ratio": 0.5})
 
 
 def test_builders_make_library_objects():
@@ -141,41 +133,46 @@ def test_builders_make_library_objects():
     cfg = default_config("moons").replace({"data.n": 256, "model.hidden": 32, "model.depth": 2})
     data = build_data(cfg)
     assert data.x.shape == (256, 2)
-    model = build_model_from_config(cfg, data)
+    cfg.meta = {"shape": [2], "num_classes": None, "conditional": False}
+    model = build_model(cfg)
     assert model.config["dim"] == 2 and model.config["hidden"] == 32
-    assert isinstance(build_objective(cfg, data), CFMLoss)
-    assert isinstance(build_coupling(cfg.replace({"objective.coupling": "ot"})), ExactOTCoupling)
-    sk = build_coupling(
-        cfg.replace({"objective.coupling": "sinkhorn", "objective.coupling_kwargs": {"reg": 0.2}})
-    )
-    assert isinstance(sk, SinkhornCoupling)
-    assert isinstance(
-        build_time_sampler(cfg.replace({"objective.time_sampler": "logit_normal"})), LogitNormalTime
-    )
-    shifted = cfg.replace({"objective.time_sampler": "shifted", "objective.time_kwargs": {"shift": 3.0}})
-    assert isinstance(build_time_sampler(shifted), ShiftedTime)
+
+    def ctx(**over):
+        c = cfg.replace(over)
+        c.meta = cfg.meta
+        return build_context(c, data)
+
+    assert isinstance(ctx(**{"objective.coupling": "ot"}).coupling, ExactOTCoupling)
+    sk = ctx(**{"objective.coupling": "sinkhorn", "objective.coupling_kwargs": {"reg": 0.2}}).coupling
+    assert isinstance(sk, SinkhornCoupling) and sk.reg == 0.2
+    assert isinstance(ctx(**{"objective.time_sampler": "logit_normal"}).time_sampler, LogitNormalTime)
+    shifted = ctx(**{"objective.time_sampler": "shifted", "objective.time_kwargs": {"shift": 3.0}})
+    assert isinstance(shifted.time_sampler, ShiftedTime)
     with pytest.raises(FewflowError, match="shift"):
-        build_time_sampler(cfg.replace({"objective.time_sampler": "shifted"}))
+        ctx(**{"objective.time_sampler": "shifted"})
     with pytest.raises(FewflowError, match="coupling"):
-        build_coupling(cfg.replace({"objective.coupling": "ot", "objective.coupling_kwargs": {"bogus": 1}}))
-    tc = build_train_config(cfg, steps=7)
-    assert tc.steps == 7 and tc.batch_size == cfg.train["batch_size"]
+        ctx(**{"objective.coupling": "ot", "objective.coupling_kwargs": {"bogus": 1}})
+    from fewflow.methods import get_method
+
+    spec = get_method("cfm")
+    (stage,) = spec.build(spec.make_config(), ctx())
+    assert isinstance(stage.objective, CFMLoss) and stage.share == 1.0
 
 
 def test_resolve_model_config_fills_data_dependent_entries():
     cfg = default_config("digits").replace({"data.n": 50})
-    data = build_data(cfg)
-    m = resolve_model_config(cfg, data)
+    meta = {"shape": [1, 8, 8], "num_classes": 10, "conditional": True}
+    m = resolve_model_config(cfg, meta)
     assert m["dim"] == 64 and m["num_classes"] == 10
     unet = cfg.replace({"model": {"type": "unet", "base": 8, "mults": [1, 2]}})
-    m = resolve_model_config(unet, data)
+    m = resolve_model_config(unet, meta)
     assert m["type"] == "UNet" and m["in_channels"] == 1 and m["size"] == 8
     toy = default_config("moons").replace({"model": {"type": "UNet"}, "data.n": 10})
     with pytest.raises(FewflowError, match="images"):
-        resolve_model_config(toy, build_data(toy))
-    cb = default_config("checkerboard").replace({"objective.conditional": True, "data.n": 10})
-    with pytest.raises(FewflowError, match="no class labels"):
-        resolve_model_config(cb, build_data(cb))
+        resolve_model_config(toy, {"shape": [2]})
+    mf = default_config("moons").replace({"method.name": "meanflow"})
+    m = resolve_model_config(mf, {"shape": [2]})
+    assert m["flow_map"] is True and m["time_features"] == "fourier"
 
 
 def test_steps_for_nfe():
@@ -184,16 +181,24 @@ def test_steps_for_nfe():
     assert steps_for_nfe("rk4", 9) == 2
     with pytest.raises(FewflowError, match="too small"):
         steps_for_nfe("heun", 1)
+    with pytest.raises(FewflowError, match="multiple"):
+        steps_for_nfe("heun", 5, exact=True)
+    # FlowTurbo: one Heun step (2 NFE) then pseudo-corrector steps (1 NFE each); the same rule everywhere
+    assert steps_for_nfe("flowturbo", 3) == 2
+    with pytest.raises(FewflowError, match="flowturbo"):
+        steps_for_nfe("flowturbo", 2)
+    with pytest.raises(FewflowError, match="100000"):
+        steps_for_nfe("euler", 10**9)
 
 
-def test_build_grid_endpoints():
-    for kind, kw in (("uniform", {}), ("shift", {"shift": 3.0}), ("edm", {})):
-        g = build_grid(kind, 6, **kw)
+def test_grid_by_name_endpoints():
+    for kind, kw in (("uniform", {}), ("shift", {"shift": 3.0}), ("edm", {}), ("logsnr", {})):
+        g = get_grid(kind, 6, **kw)
         assert g.shape == (7,)
         assert float(g[0]) == 0.0 and float(g[-1]) == 1.0
         assert bool((g.diff() > 0).all())
-    assert not torch.allclose(build_grid("shift", 4, shift=3.0), build_grid("uniform", 4))
-    assert torch.allclose(build_grid("shift", 4, shift=1.0), build_grid("uniform", 4))
+    assert not torch.allclose(get_grid("shift", 4, shift=3.0), get_grid("uniform", 4))
+    assert torch.allclose(get_grid("shift", 4, shift=1.0), get_grid("uniform", 4))
 
 
 def test_generate_matches_exact_flow_of_a_known_velocity():
@@ -209,7 +214,7 @@ def test_generate_matches_exact_flow_of_a_known_velocity():
         def forward(self, x, t, y=None):
             return a.to(x) + 0 * self.p + 0 * x
 
-    cfg = default_config("moons").replace({"meta": {"shape": [2], "num_classes": None}})
+    cfg = default_config("moons").replace({"meta": {"shape": [2], "num_classes": None, "conditional": False}})
     gen = torch.Generator().manual_seed(0)
     res = generate(Drift(), cfg, 5, nfe=3, stepper="euler", generator=gen)
     x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
@@ -238,7 +243,7 @@ def test_generate_conditional_labels_and_cfg():
             return (y != 3).to(x)[:, None] * y.to(x)[:, None].expand_as(x) + 0 * self.p
 
     cfg = default_config("gmm").replace(
-        {"objective.conditional": True, "meta": {"shape": [2], "num_classes": 3}}
+        {"objective.conditional": True, "meta": {"shape": [2], "num_classes": 3, "conditional": True}}
     )
     res = generate(Echo(), cfg, 4, nfe=1, label=2, generator=torch.Generator().manual_seed(0))
     x0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
@@ -248,6 +253,21 @@ def test_generate_conditional_labels_and_cfg():
     torch.testing.assert_close(res.x, x0 + 6.0)
     with pytest.raises(FewflowError, match="labels must lie"):
         generate(Echo(), cfg, 4, label=3)
+
+
+def test_generate_refuses_non_finite_samples():
+    class Blow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, y=None):
+            return x * float("inf") + self.p
+
+    cfg = default_config("moons").replace({"meta": {"shape": [2], "num_classes": None, "conditional": False}})
+    with pytest.raises(FewflowError, match="non-finite"):
+        generate(Blow(), cfg, 5, nfe=2)
+    assert not torch.isfinite(generate(Blow(), cfg, 5, nfe=2, check_finite=False).x).all()
 
 
 def test_image_grid_places_each_image(tmp_path):
