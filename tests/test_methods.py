@@ -100,7 +100,7 @@ def test_five_step_train_and_sample(spec, teacher, tmp_path):
 
 
 def _fails(*args: str) -> str:
-    r = CliRunner().invoke(cli, ["train", *args, *TINY])
+    r = CliRunner().invoke(cli, ["train", *TINY, *args])
     assert r.exit_code == 2, r.output
     return r.stderr
 
@@ -110,7 +110,7 @@ def test_teacher_is_required_and_checked(teacher, tmp_path):
     t = ["--teacher", str(teacher)]
     err = _fails("--data", "moons", "--method", "meanflow", *t, "--out", str(tmp_path / "b"))
     assert "takes no teacher" in err
-    err = _fails("--data", "digits", "--method", "reflow", *t, "--out", str(tmp_path / "c"))
+    err = _fails("--data", "digits", "--n", "500", "--method", "reflow", *t, "--out", str(tmp_path / "c"))
     assert "shape" in err
 
 

@@ -517,6 +517,7 @@ def add_common_args(ap: Any, stem: str, datasets: str) -> None:
     g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI mode (default)")
     g.add_argument("--full", action="store_const", dest="mode", const="full", help="the committed tables")
     g.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny (tests)")
+    g.add_argument("--mode", dest="mode", choices=("smoke", "quick", "full"), help="the same as the flags")
     ap.add_argument("--datasets", default=None, help=f"comma-separated: {datasets}")
     ap.add_argument("--workers", type=int, default=1, help="data sets in parallel processes")
     ap.add_argument("--seed", type=int, default=0)

@@ -517,8 +517,8 @@ def check_sampler_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, A
                     {
                         "dataset": name,
                         "claim": f"RAAG >= best constant CFG at NFE {k} (FD, acc)",
-                        "value": f"{br_}: FD {raags[br_]['fd']:.3g} acc {raags[br_]['acc']:.3f} vs {bc}: "
-                        f"FD {cfgs[bc]['fd']:.3g} acc {cfgs[bc]['acc']:.3f}",
+                        "value": f"{br_}: FD {raags[br_]['fd']:.3g} acc {raags[br_]['accuracy']:.3f} "
+                        f"vs {bc}: FD {cfgs[bc]['fd']:.3g} acc {cfgs[bc]['accuracy']:.3f}",
                         "met": bool(ok),
                     }
                 )

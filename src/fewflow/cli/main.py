@@ -555,7 +555,7 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
 
 @cli.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as a JSON list.")
-@click.option("--all", "show_all", is_flag=True, help="Also list variants and ablations.")
+@click.option("--all", "show_all", is_flag=True, help="Also list the ablations.")
 def methods_cmd(as_json: bool, show_all: bool) -> None:
     """List the registered training methods: name, paper, needs, default sampler.
 
@@ -566,7 +566,7 @@ def methods_cmd(as_json: bool, show_all: bool) -> None:
     """
     from fewflow.methods import list_methods, methods_table
 
-    specs = list_methods(variants=show_all or as_json)
+    specs = [s for s in list_methods() if show_all or as_json or not s.ablation]
     if as_json:
         click.echo(json.dumps([s.describe() for s in specs], indent=1, default=str))
     else:
