@@ -342,8 +342,8 @@ def part_pruning(cfg: SamplersConfig, data: BenchData, teacher: Any) -> dict[str
 def part_guidance(
     cfg: SamplersConfig, data: BenchData, teacher: Any, plot_path: Path | None
 ) -> dict[str, Any]:
-    """Digits: constant-scale CFG (``fewflow.guidance.CFG``) vs RAAG (``fewflow.guidance.raag.RAAG``,
-    unsquared ratio) at Euler NFE 2, 4, 8; FD-digits and classifier accuracy. Writes the RAAG ratio plot."""
+    """Digits: constant-scale CFG (``fewflow.guidance.CFG``) vs RAAG (``fewflow.guidance.raag.RAAG``, the
+    paper's squared ratio) at Euler NFE 2, 4, 8; FD-digits and classifier accuracy. Writes the RAAG ratio plot."""
     from fewflow.guidance import CFG
     from fewflow.guidance.raag import RAAG, plot_ratio_history
     from fewflow.solvers import uniform_grid
