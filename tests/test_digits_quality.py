@@ -1,5 +1,5 @@
 """A class-conditional CFM model trained on 8x8 digits produces samples that the frozen digits classifier
-labels as the requested class, and whose unconditional class distribution is plausible (issue: product)."""
+labels as the requested class, and whose unconditional class distribution is plausible."""
 
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ distillation method shares it). Each method gets the same budget ``E``; a traini
 runs ``floor(E_k / e)`` optimiser steps, where ``e`` is the cost of one step measured by a probe call on a
 throw-away copy of the student (all objectives here have a fixed cost per step). The ledger's actual total
 is reported beside the budget (it is within one step's cost of it).
+
+Longer than fewflow's ~400-line guide on purpose: the harness both benchmarks share (budget ledger, data,
+evaluation, tables).
 """
 
 from __future__ import annotations

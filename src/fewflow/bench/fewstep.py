@@ -32,6 +32,9 @@ is the ``mdt_vm`` / ``mdt_vmvd`` pair.
 
 Each method's result is written to ``<cache>/<data set>/<method>-<key>/result.json`` as soon as it is done;
 a rerun only trains what is missing. Outputs: ``benchmarks/results/fewstep.{md,json,png}``.
+
+Longer than fewflow's ~400-line guide on purpose: one benchmark: presets, training at equal budget,
+claims and report.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ digits), measured on the same fixed evaluation draws and metrics:
 
 Each part's result is cached as JSON under ``<cache>/<data set>/samplers-<key>/`` as soon as it is done.
 Outputs: ``benchmarks/results/samplers.{md,json,png}``.
+
+Longer than fewflow's ~400-line guide on purpose: one benchmark: its parts, claims and report.
 """
 
 from __future__ import annotations
@@ -343,7 +345,8 @@ def part_guidance(
     cfg: SamplersConfig, data: BenchData, teacher: Any, plot_path: Path | None
 ) -> dict[str, Any]:
     """Digits: constant-scale CFG (``fewflow.guidance.CFG``) vs RAAG (``fewflow.guidance.raag.RAAG``, the
-    paper's squared ratio) at Euler NFE 2, 4, 8; FD-digits and classifier accuracy. Writes the RAAG ratio plot."""
+    paper's squared ratio) at Euler NFE 2, 4, 8; FD-digits and classifier accuracy. Writes the RAAG ratio
+    plot."""
     from fewflow.guidance import CFG
     from fewflow.guidance.raag import RAAG, plot_ratio_history
     from fewflow.solvers import uniform_grid
@@ -429,8 +432,8 @@ def run_dataset(cfg: SamplersConfig, name: str) -> dict[str, Any]:
 
 
 def check_sampler_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 5's claims, computed: BOSS <= uniform (Euler) at every NFE and < at NFE <= 4; refinement
-    improves BOSS; FlowTurbo (pseudo-corrector) beats Heun and Euler at equal predictor NFE (>= 4); no
+    """The samplers benchmark's claims, computed: BOSS <= uniform (Euler) at every NFE and < at NFE <= 4;
+    refinement improves BOSS; FlowTurbo (pseudo-corrector) beats Heun and Euler at equal predictor NFE (>= 4); no
     quality loss from pruning at 100 NFE (within 10 %); RAAG at least as good as the best constant CFG at
     NFE <= 4 on FD-digits with equal or better accuracy."""
     claims = []

@@ -3,6 +3,8 @@
 Every command prints ``--help`` with examples. Errors in the user's input (bad options, an unknown
 data set, a missing or corrupt checkpoint, a config for another model) print ONE line
 ``error: ...`` on stderr and exit with code 2; ``fewflow --debug ...`` shows the traceback instead.
+
+Longer than fewflow's ~400-line guide on purpose: one click group: every command's options and help text.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ method's :class:`Stage` list; the app that trains (``fewflow.runs`` or a benchma
 
 Methods are discovered by importing every module of :mod:`fewflow.objectives` (sorted by name), so a
 new method is one new file there.
+
+Longer than fewflow's ~400-line guide on purpose: the registry's records, config coercion and lookup are
+one contract.
 """
 
 from __future__ import annotations

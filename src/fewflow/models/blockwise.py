@@ -27,6 +27,9 @@ and ``r_psi`` on the other steps, so the shared solver loop samples it unchanged
 
 At our scale each piece is a FiLM residual MLP (:class:`fewflow.models.mlp.MLP`'s block) on flattened
 inputs, in place of the paper's transformers (feature network depth 20, blocks depth 5, FRN depth 4).
+
+Longer than fewflow's ~400-line guide on purpose: the segmented network, its cached FRN sampler view and
+its cost counting are one model.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ official code, a quarter of each batch (``bootstrap_fraction``) is self-consiste
 grid; at the smallest level the half steps are queried at ``d = 0`` (the instantaneous velocity), as the
 paper prescribes. Sample with ``fewflow.solvers.solve(model, x0, steps=k)`` (flow-map jumps, ``k`` a power
 of two).
+
+Longer than fewflow's ~400-line guide on purpose: consistency and shortcut models share their sampling
+and target helpers.
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ output is moved against the disagreement. Total ``L = lambda_VM L_VM + lambda_VD
 Sampling (code): one step ``x = z + u(z, 0, 1)``; ``k`` steps = Euler on a uniform grid with ``u(x, s, 1)``
 as the velocity (= DDIM with the data prediction ``x_s + (1 - s) u``): ``solve(DataEndVelocity(model),
 z, steps=k)``.
+
+Longer than fewflow's ~400-line guide on purpose: the loss, its derivative helpers and the data-end
+sampler view belong to one method.
 """
 
 from __future__ import annotations

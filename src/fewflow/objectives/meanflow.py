@@ -45,6 +45,9 @@ and the differentiated prediction ``u`` by an ordinary forward through the wrapp
 all-reduce the gradients (no manual sync in the trainer; costs about one extra forward). The RNG state is
 forked so both calls see the same dropout masks. Without DDP (``"fused"``) the JVP's primal output carries
 the gradient (py-meanflow does this), saving that forward.
+
+Longer than fewflow's ~400-line guide on purpose: the loss, its JVP machinery and its (s, t) sampler are
+one method.
 """
 
 from __future__ import annotations

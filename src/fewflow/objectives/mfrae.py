@@ -31,6 +31,9 @@ here; 1 = unshifted at toy scale), sorted, 1/4 of rows with ``s != t``; the othe
 ``s = t`` at the *start* draw ``s`` (the code sets ``r = t`` at its noise-side time, our ``s``); label
 dropout 0.1 when labels are given, no CFG. Sample in 1-2 steps with
 ``fewflow.solvers.solve(student, x0, steps=k)`` (flow-map jumps).
+
+Longer than fewflow's ~400-line guide on purpose: the three losses of one recipe (CMT, MFD, MFT) share
+their time sampling.
 """
 
 from __future__ import annotations

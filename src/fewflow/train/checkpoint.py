@@ -17,6 +17,9 @@ tensor goes into the safetensors file under a path-like key and the rest of the 
 temporary name and then moved into place with ``os.replace``; ``latest`` is replaced the same way, so a run
 killed at any moment leaves the previous checkpoint intact; the temps such a kill leaves are removed by the
 next :func:`save_checkpoint` into the same folder (see :mod:`fewflow._io`).
+
+Longer than fewflow's ~400-line guide on purpose: one on-disk format: writing, verifying and reading it
+stay together.
 """
 
 from __future__ import annotations

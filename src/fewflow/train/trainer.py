@@ -12,6 +12,9 @@ One step (``k`` = steps done so far)::
 Every source of randomness (the epoch permutations, the objective's generator ``g_rank``, the global torch /
 numpy / python RNGs) is seeded from ``config.seed`` and saved in checkpoints, so ``fit(resume=True)`` after a
 kill continues bit-for-bit like an uninterrupted run (same device, same seed).
+
+Longer than fewflow's ~400-line guide on purpose: the training loop (AMP, EMA, DDP, NaN guard, resume) is
+one state machine.
 """
 
 from __future__ import annotations
