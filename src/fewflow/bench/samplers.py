@@ -433,9 +433,9 @@ def run_dataset(cfg: SamplersConfig, name: str) -> dict[str, Any]:
 
 def check_sampler_claims(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The samplers benchmark's claims, computed: BOSS <= uniform (Euler) at every NFE and < at NFE <= 4;
-    refinement improves BOSS; FlowTurbo (pseudo-corrector) beats Heun and Euler at equal predictor NFE (>= 4); no
-    quality loss from pruning at 100 NFE (within 10 %); RAAG at least as good as the best constant CFG at
-    NFE <= 4 on FD-digits with equal or better accuracy."""
+    refinement improves BOSS; FlowTurbo (pseudo-corrector) beats Heun and Euler at equal predictor NFE
+    (>= 4); no quality loss from pruning at 100 NFE (within 10 %); RAAG at least as good as the best
+    constant CFG at NFE <= 4 on FD-digits with equal or better accuracy."""
     claims = []
     for name, r in results.items():
         met = r["metric"]
