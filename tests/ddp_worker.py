@@ -44,7 +44,7 @@ def data() -> torch.Tensor:
 
 
 def config(mode: str) -> TrainConfig:
-    return TrainConfig(steps=STEPS, batch_size=16, lr=1e-2, warmup=3, schedule="cosine", grad_clip=0.5,
+    return TrainConfig(steps=STEPS, batch_size=16, lr=1e-2, warmup=3, lr_schedule="cosine", grad_clip=0.5,
                        ema_decay=0.9, ckpt_every=10, log_every=6, progress=False, device="cpu", ddp_mode=mode)
 
 

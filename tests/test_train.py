@@ -65,14 +65,14 @@ def params_of(m: nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- config
 def test_config_json_round_trip_and_unknown_keys():
-    cfg = TrainConfig(steps=7, betas=(0.8, 0.95), grad_clip=None, schedule="cosine", warmup=2)
+    cfg = TrainConfig(steps=7, betas=(0.8, 0.95), grad_clip=None, lr_schedule="cosine", warmup=2)
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))
     assert TrainConfig.from_dict(d) == cfg
     assert TrainConfig(**d) == cfg  # JSON lists become tuples again
     with pytest.raises(FewflowError, match="unknown TrainConfig key.*'stepz'"):
         TrainConfig.from_dict({**d, "stepz": 3})
     with pytest.raises(FewflowError, match="lr schedule"):
-        TrainConfig(schedule="exp")
+        TrainConfig(lr_schedule="exp")
     with pytest.raises(FewflowError, match="batch_size"):
         TrainConfig(batch_size=0)
     with pytest.raises(FewflowError, match="ema_decay"):
@@ -108,7 +108,7 @@ def test_scheduler_drives_optimizer_and_trainer_logs_it(data):
         [0.5 * lr_factor(s, total=12, warmup=3, schedule="cosine") for s in range(12)]
     )
 
-    cfg = quiet(steps=12, warmup=3, schedule="linear", log_every=1, lr=0.1)
+    cfg = quiet(steps=12, warmup=3, lr_schedule="linear", log_every=1, lr=0.1)
     res = Trainer(TinyMLP(), regression, data, cfg).fit()
     lrs = [row["lr"] for row in res.history]
     assert lrs == pytest.approx(
@@ -301,7 +301,7 @@ def _resume_cfg() -> TrainConfig:
         batch_size=16,
         lr=5e-3,
         warmup=5,
-        schedule="cosine",
+        lr_schedule="cosine",
         grad_clip=0.5,
         ema_decay=0.9,
         ckpt_every=10,

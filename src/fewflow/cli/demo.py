@@ -94,7 +94,7 @@ def _train_checkerboard(ctx: DemoContext) -> None:
             "train.steps": s["steps"],
             "train.batch_size": s["batch_size"],
             "train.lr": s["lr"],
-            "train.schedule": "cosine",
+            "train.lr_schedule": "cosine",
             "train.warmup": min(200, s["steps"] // 10),
             "train.ckpt_every": 0,
             "train.log_every": max(1, s["steps"] // 20),
@@ -218,7 +218,7 @@ def _reflow_checkerboard(ctx: DemoContext) -> None:
         "teacher": str(ctx.runs["checkerboard"]), "seed": 1,
         "method.n_pairs": s["reflow_pairs"], "method.pair_steps": 50,
         "train.steps": s["reflow_steps"], "train.batch_size": s["batch_size"], "train.lr": s["lr"] / 2,
-        "train.schedule": "cosine", "train.ckpt_every": 0, "train.device": "cpu", "train.seed": 1,
+        "train.lr_schedule": "cosine", "train.ckpt_every": 0, "train.device": "cpu", "train.seed": 1,
         "train.log_every": max(1, s["reflow_steps"] // 10), "train.progress": False,
     })
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ class TrainConfig:
     batch_size: the *global* batch; under DDP each of the ``W`` ranks takes ``batch_size / W`` of it.
     lr, weight_decay, betas: AdamW (decoupled weight decay, Loshchilov & Hutter, "Decoupled Weight Decay
         Regularization").
-    warmup, schedule: learning rate ``lr * f(step)`` with a linear warm-up over ``warmup`` steps then
+    warmup, lr_schedule: learning rate ``lr * f(step)`` with a linear warm-up over ``warmup`` steps then
         ``"constant"``, ``"cosine"`` or ``"linear"`` decay to ``min_lr_ratio * lr`` at ``steps``
         (see :func:`fewflow.train.schedules.lr_factor`).
     grad_clip: clip the global gradient 2-norm to this (``None``: no clipping; the norm is still logged).
@@ -54,7 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 0
-    schedule: str = "constant"
+    lr_schedule: str = "constant"
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     ema_decay: float | None = 0.999
@@ -91,8 +91,8 @@ class TrainConfig:
             raise FewflowError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise FewflowError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
-        if self.schedule not in SCHEDULES:
-            raise unknown_name("lr schedule", self.schedule, SCHEDULES)
+        if self.lr_schedule not in SCHEDULES:
+            raise unknown_name("lr schedule", self.lr_schedule, SCHEDULES)
         if self.amp_dtype not in AMP_DTYPES:
             raise unknown_name("amp dtype", self.amp_dtype, AMP_DTYPES)
         if self.ddp_mode not in DDP_MODES:
