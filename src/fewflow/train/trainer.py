@@ -163,7 +163,7 @@ class Trainer:
             self.optimizer,
             total=config.steps,
             warmup=config.warmup,
-            schedule=config.schedule,
+            schedule=config.lr_schedule,
             min_ratio=config.min_lr_ratio,
         )
 
