@@ -185,8 +185,9 @@ def test_label_dropout_replaces_labels_by_the_null_class():
     dropped = seen["y"] == 5
     assert float(dropped.float().mean()) == pytest.approx(0.2, abs=0.03)
     assert torch.equal(seen["y"][~dropped], y[~dropped])
+    # dropping labels needs the null class index: refused when labels arrive without num_classes
     with pytest.raises(FewflowError, match="num_classes"):
-        CFMLoss(AffinePath("linear"), label_dropout=0.1)
+        CFMLoss(AffinePath("linear"), label_dropout=0.1)(model, x1, y=y)
 
 
 def test_bridge_noise_path_and_target():

@@ -284,7 +284,9 @@ def test_image_grid_places_each_image(tmp_path):
     # flat 64-vectors are drawn as 8x8 images, 2-D points as a scatter; others are refused
     assert plot_samples(torch.randn(16, 64), tmp_path / "d.png").stat().st_size > 0
     assert plot_samples(torch.randn(100, 2), tmp_path / "p.png").stat().st_size > 0
+    # vectors of more than two (non-square) features: the first two coordinates; 1-D samples are refused
+    assert plot_samples(torch.randn(40, 3), tmp_path / "x3.png").stat().st_size > 0
     with pytest.raises(FewflowError, match="cannot plot"):
-        plot_samples(torch.randn(4, 3), tmp_path / "x.png")
+        plot_samples(torch.randn(4), tmp_path / "x.png")
     # MMD can be negative (unbiased): the plot falls back to a linear axis instead of failing
     assert plot_metric_vs_nfe({"euler": {1: 0.1, 2: -0.01}}, tmp_path / "m.png", floor=-0.001).is_file()

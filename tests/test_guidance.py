@@ -15,22 +15,22 @@ B = torch.tensor([1.0, 3.0, -2.0, 0.0])  # per-label offset
 
 
 class ToyVelocity:
-    """v(x, t, y) = A[y] x + B[y] t + c, with c an optional extra conditioning tensor; counts forwards."""
+    """v(x, t, y) = A[y] x + B[y] t + e, with e an optional extra keyword tensor; counts forwards."""
 
     is_flow_map = False
 
     def __init__(self):
         self.batches = []
 
-    def __call__(self, x, t, y=None, c=None):
+    def __call__(self, x, t, y=None, extra=None):
         self.batches.append(x.shape[0])
         out = A[y][:, None] * x + (B[y] * t)[:, None]
-        return out if c is None else out + c
+        return out if extra is None else out + extra
 
     @staticmethod
-    def reference(x, t, y, c=None):
+    def reference(x, t, y, extra=None):
         out = A[y][:, None] * x + (B[y] * t)[:, None]
-        return out if c is None else out + c
+        return out if extra is None else out + extra
 
 
 class ToyFlowMap:
@@ -76,12 +76,13 @@ def test_scale_one_is_conditional_with_half_batch():
 
 
 def test_extra_cond_is_duplicated():
+    """A keyword other than y / c (which have null values) reaches both halves unchanged."""
     model = ToyVelocity()
     x, t, y = _inputs()
-    c = torch.randn(x.shape[0], 2)
-    out = CFG(model, 3.0, K)(x, t, y=y, c=c)
-    v_c = ToyVelocity.reference(x, t, y, c)
-    v_u = ToyVelocity.reference(x, t, torch.full_like(y, K), c)
+    e = torch.randn(x.shape[0], 2)
+    out = CFG(model, 3.0, K)(x, t, y=y, extra=e)
+    v_c = ToyVelocity.reference(x, t, y, e)
+    v_u = ToyVelocity.reference(x, t, torch.full_like(y, K), e)
     assert torch.allclose(out, v_u + 3.0 * (v_c - v_u), atol=1e-6)
 
 

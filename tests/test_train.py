@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from fewflow import FewflowError
@@ -284,10 +285,12 @@ def test_nan_loss_stops_and_saves_last_good_state(tmp_path, data):
     assert res.step == 6 and "non-finite loss" in res.stopped_reason and "step 7" in res.stopped_reason
     assert any("non-finite loss" in str(x.message) for x in w)
     assert all(torch.isfinite(p).all() for p in m.parameters())
-    ckpt = load_checkpoint(tmp_path)
-    assert ckpt.step == 6
+    # latest stays at the last good checkpoint; the state that diverged is kept apart for inspection
+    assert load_checkpoint(tmp_path).step == 5
+    assert res.diverged == str(tmp_path / "diverged-7")
+    diverged = load_file(str(tmp_path / "diverged-7" / "model.safetensors"))
     for k, v in m.state_dict().items():
-        assert torch.equal(ckpt.model_state()[k], v)
+        assert torch.equal(diverged[k], v)
 
 
 # ---------------------------------------------------------------------------------------- exact resume

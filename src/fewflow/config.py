@@ -117,12 +117,23 @@ def model_type(name: str) -> str:
 
 @dataclass
 class DataSpec:
-    """Which data set: ``fewflow.data.load_dataset(name, n=n, seed=seed, **kwargs)``."""
+    """Which data: ``fewflow.data.load_dataset(name, n=n, seed=seed, **kwargs)``.
+
+    ``name`` is a built-in data set or, for data from the user, the ``--data`` value: a folder of images,
+    an ``.npy`` / ``.npz`` / ``.csv`` file or ``module:function`` (in Python also the function itself).
+    Training records what it loaded: ``kind`` (``folder | npy | npz | csv | function``), ``path`` (absolute,
+    or ``module:function``) and ``sha256`` (of the file or the folder's images), so that ``fewflow eval``
+    reloads the same data and refuses a file that changed. ``kwargs`` of user data: ``image_size``
+    (folders: centre-crop and resize to S x S) and ``normalize`` (arrays; default true).
+    """
 
     name: str = "checkerboard"
     n: int | None = None
     seed: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: str | None = None
+    path: str | None = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -254,21 +265,37 @@ class RunConfig:
     # -- validation ---------------------------------------------------------------------
     def validate(self) -> None:
         """Check names and ranges; raise :class:`FewflowError` naming the first problem."""
-        from fewflow.data import DATASETS
+        from fewflow.data import DATASETS, USER_DATA_HINT, USER_KINDS, import_path_of, is_import_path
+        from fewflow.data import looks_like_user_data as _user_data
         from fewflow.methods import get_method
 
         dat, mod, obj, smp = self.data, self.model, self.objective, self.sampler
-        if not isinstance(dat.name, str) or not dat.name:
+        if callable(dat.name):  # a data function given in Python: record its import path
+            dat.name = import_path_of(dat.name)
+        if not isinstance(dat.name, str) or not dat.name.strip():
             raise FewflowError("data.name must name a data set (it is empty)")
-        if dat.name not in DATASETS:
-            raise unknown_name("data set", str(dat.name), DATASETS)
+        if dat.kind is not None and dat.kind not in USER_KINDS:
+            raise unknown_name("data kind", str(dat.kind), USER_KINDS)
+        if dat.kind is None and dat.name not in DATASETS and not _user_data(dat.name):
+            raise FewflowError(f"{unknown_name('data set', str(dat.name), DATASETS)}; {USER_DATA_HINT}")
+        for key in ("path", "sha256"):
+            if getattr(dat, key) is not None and not isinstance(getattr(dat, key), str):
+                raise FewflowError(f"data.{key} must be a string or null, got {getattr(dat, key)!r}")
         if dat.n is not None and (not _is_int(dat.n) or dat.n <= 0):
             raise FewflowError(f"data.n must be a positive integer or null, got {dat.n!r}")
         if not _is_int(dat.seed):
             raise FewflowError(f"data.seed must be an integer, got {dat.seed!r}")
+        if isinstance(mod, dict) and isinstance(mod.get("type"), type):  # a model class given in Python
+            mod["type"] = import_path_of(mod["type"])
         if not isinstance(mod, dict) or "type" not in mod:
-            raise FewflowError("run config section 'model' needs a 'type' (one of: MLP, UNet, DiT)")
-        mod["type"] = model_type(mod["type"])
+            raise FewflowError("run config section 'model' needs a 'type' (MLP, UNet, DiT or module:Class)")
+        if is_import_path(mod["type"]):  # the user's network, imported and checked when it is built
+            mod["type"] = str(mod["type"]).strip()
+        else:
+            try:
+                mod["type"] = model_type(mod["type"])
+            except FewflowError as e:
+                raise FewflowError(f"{e}; or your own network as module:Class") from None
         spec = get_method(self.method_name)
         self.method = spec.config_dict(self.method)  # fills defaults, rejects unknown fields
         if spec.needs.teacher and self.teacher is not None and not isinstance(self.teacher, str):

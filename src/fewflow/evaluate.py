@@ -89,7 +89,7 @@ def score(
 
 
 def _straightness(traj: Tensor | None, times: Tensor) -> float | None:
-    if traj is None:
+    if traj is None or not bool(torch.isfinite(traj).all()):  # none for a diverged (allowed) trajectory
         return None
     from fewflow.metrics import straightness
 
@@ -108,15 +108,19 @@ def evaluate_run(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     samples: dict[tuple[str, int], Tensor] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Sample ``n`` points at each (stepper, NFE) with :func:`fewflow.sampling.generate` and score them
     against fresh real data. Returns ``{"data", "method", "n", "metrics", "primary", "floor", "results":
     [{"solver", "nfe", "steps", <metric>: value, "ratio", "straightness", "wall_time_s"}, ...]}``. A stepper
-    whose one step costs more than an NFE budget is skipped for it. ``samples`` (a dict) receives the
-    samples under ``(solver, nfe)``."""
+    whose one step costs more than an NFE budget is skipped for it; an unknown stepper name is an error.
+    ``samples`` (a dict) receives the samples under ``(solver, nfe)``. Samples with NaN / inf (a diverged
+    model) raise a :class:`FewflowError` naming the solver and NFE, unless ``allow_nonfinite`` (then they
+    score ``inf``, see :func:`score`)."""
+    from fewflow._validate import unknown_name
     from fewflow.runs import build_data
     from fewflow.sampling import generate
-    from fewflow.solvers import steps_for_nfe
+    from fewflow.solvers import STEPPER_NAMES, steps_for_nfe
 
     shape = list(cfg.meta.get("shape", []))
     is_vec = len(shape) == 1
@@ -127,6 +131,9 @@ def evaluate_run(
 
     spec = get_method(cfg.method_name)
     steppers = list(steppers) if steppers else [cfg.sampler.stepper or spec.sampler.stepper]
+    for name in steppers:
+        if name not in STEPPER_NAMES:
+            raise unknown_name("stepper", str(name), STEPPER_NAMES)
     conditional = bool(cfg.meta.get("conditional"))
     names = metric_names(shape, conditional)
     primary = primary_metric(shape)
@@ -157,10 +164,16 @@ def evaluate_run(
             gen = torch.Generator().manual_seed(seed)
             label = torch.arange(n) % int(cfg.meta["num_classes"]) if conditional else None
             t0 = time.perf_counter()
-            res = generate(model, cfg, n, nfe=int(nfe), stepper=stepper, grid=grid, label=label,
+            res = generate(model, cfg, n, nfe=int(nfe), stepper=stepper, grid=grid, label=label, raw=True,
                            generator=gen, trajectory=is_vec, progress=progress, check_finite=False)
             wall = time.perf_counter() - t0
             x = res.x.detach().to("cpu", torch.float32)
+            if not allow_nonfinite and not bool(torch.isfinite(res.x).all()):
+                bad = int((~torch.isfinite(res.x)).reshape(n, -1).any(dim=1).sum())
+                raise FewflowError(
+                    f"{stepper} at NFE {res.nfe} produced non-finite values in {bad} of {n} samples "
+                    "(a diverged model?); nothing was scored"
+                )
             if samples is not None:
                 samples[(stepper, int(res.nfe))] = x
             row: dict[str, Any] = {"solver": stepper, "nfe": int(res.nfe), "steps": steps}

@@ -199,6 +199,7 @@ def plot_samples(
     """Scatter for ``(N, 2)`` samples, image grid for ``(N, C, H, W)``; flat ``(N, D)`` with a square D
     (e.g. 64 = 8x8 digits) is drawn as images too."""
     a = samples if torch.is_tensor(samples) else torch.as_tensor(samples)
+    a = a[:, :2] if a.dim() == 2 and a.shape[1] > 2 and math.isqrt(a.shape[1]) ** 2 != a.shape[1] else a
     if a.dim() == 2 and a.shape[1] == 2:
         return plot_scatter(a, path, reference=reference, title=title)
     if a.dim() == 2 and int(math.isqrt(a.shape[1])) ** 2 == a.shape[1]:

@@ -16,6 +16,7 @@ One training run::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 
 from fewflow._validate import FewflowError
 from fewflow.config import RunConfig, model_type
+from fewflow.data import is_import_path
 from fewflow.methods import BuildContext, MethodSpec, get_method
 
 __all__ = [
@@ -33,39 +35,106 @@ __all__ = [
     "build_model",
     "build_path",
     "build_source",
+    "build_user_model",
+    "check_inputs",
     "data_meta",
     "load_run",
     "load_teacher",
     "read_run_folder",
     "resolve_model_config",
+    "resolve_user_model_config",
     "train_run",
+    "user_data_config",
 ]
 
 
 # --------------------------------------------------------------------------- ingredients
 
 
-def build_data(cfg: RunConfig, *, n: int | None = None, seed: int | None = None) -> Any:
+def build_data(cfg: RunConfig, *, n: int | None = None, seed: int | None = None, verify: bool = True) -> Any:
     """The run's data set (``fewflow.data.load_dataset``); ``n`` / ``seed`` override the config (a fresh
-    reference sample for evaluation)."""
-    from fewflow.data import load_dataset
+    reference sample for evaluation).
+
+    Data from the user (a folder, an ``.npy`` / ``.npz`` / ``.csv`` file, ``module:function``) is read from
+    the recorded ``data.path`` once there is one; the first load records ``data.kind``, ``data.path`` and
+    ``data.sha256`` in ``cfg`` (so the run folder's config says what was loaded), later loads refuse a file
+    whose sha256 changed (unless ``verify=False``)."""
+    from fewflow.data import DATASETS, load_dataset
 
     d = cfg.data
-    return load_dataset(d.name, n=d.n if n is None else n, seed=d.seed if seed is None else seed, **d.kwargs)
+    n, seed = (d.n if n is None else n), (d.seed if seed is None else seed)
+    if d.kind is None and d.name in DATASETS:
+        return load_dataset(d.name, n=n, seed=seed, **d.kwargs)
+    kw = dict(d.kwargs)
+    if d.kind is not None:
+        kw["kind"] = d.kind
+    if verify and d.sha256 is not None:
+        kw["sha256"] = d.sha256
+    data = load_dataset(d.path or d.name, n=n, seed=seed, **kw)
+    src = data.meta.get("source", {})
+    if d.kind is None:
+        d.kind, d.path, d.sha256 = src.get("kind"), src.get("path"), src.get("sha256")
+    return data
+
+
+def check_inputs(cfg: RunConfig) -> Any:
+    """Load the run's data and, for a user network (``module:Class``), build it once without training, so
+    that bad input fails at once with one clear error; records what was loaded in ``cfg.data`` (see
+    :func:`build_data`). Returns the data set."""
+    data = build_data(cfg)
+    meta = data_meta(data, cfg)
+    if is_import_path(cfg.model.get("type")):
+        build_model(cfg, meta)
+    return data
+
+
+def user_data_config(name: Any, method: str = "cfm") -> RunConfig:
+    """Defaults for data from the user (``fewflow train --data PATH``): the 2-D toys' settings (MLP 4 x 256
+    on the flattened sample, 4000 steps, batch 512, lr 1e-3, unconditional), every sample loaded."""
+    from fewflow.config import DataSpec, default_config
+
+    cfg = default_config("checkerboard", method=method)
+    cfg.data = DataSpec(name=name)
+    cfg.validate()
+    return cfg
 
 
 def data_meta(data: Any, cfg: RunConfig) -> dict[str, Any]:
-    """What sampling needs to know about the data without loading it."""
+    """What sampling needs to know about the data without loading it. ``conditional`` means class labels;
+    a data set with a condition tensor ``c`` adds ``cond_shape`` (the shape of one row of ``c``): the
+    network then always takes ``c``, and ``objective.conditional`` with ``label_dropout`` drops it."""
     vr = getattr(data, "value_range", None)
     k = getattr(data, "num_classes", None)
-    if cfg.objective.conditional and not k:
-        raise FewflowError(f"data set {cfg.data.name!r} has no labels for a conditional model")
-    return {
+    c = getattr(data, "c", None)
+    if cfg.objective.conditional and not k and c is None:
+        raise FewflowError(
+            f"data set {cfg.data.name!r} has no labels (nor a condition c) for a conditional model"
+        )
+    meta = {
         "shape": list(data.x.shape[1:]),
         "num_classes": k,
-        "conditional": bool(cfg.objective.conditional),
+        "conditional": bool(cfg.objective.conditional and k),
         "value_range": list(vr) if vr is not None else None,
     }
+    if c is not None:
+        meta["cond_shape"] = [int(v) for v in c.shape[1:]]
+    meta.update(_user_data_meta(data))
+    return meta
+
+
+def _user_data_meta(data: Any) -> dict[str, Any]:
+    """For data from the user: ``normalization`` (undone by ``generate``), ``value_range`` in the user's
+    units (the units samples come out in) and the class names of an image folder."""
+    rec = getattr(data, "normalization", None)
+    info = getattr(data, "meta", None) or {}
+    out: dict[str, Any] = {}
+    if rec is not None:
+        out["normalization"] = rec
+        if info.get("raw_range") is not None:
+            out["value_range"] = [float(v) for v in info["raw_range"]]
+    if info.get("classes"):
+        out["class_names"] = list(info["classes"])
+    return out
 
 
 def _meta(cfg: RunConfig) -> dict[str, Any]:
@@ -105,10 +174,14 @@ def build_source(cfg: RunConfig, data: Any | None = None) -> Any:
 
 def resolve_model_config(cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """The run's model config with the data-dependent entries filled in: ``dim`` (MLP) or
-    ``in_channels`` + ``size`` (image networks), ``num_classes`` when conditional, ``flow_map`` (with
-    low-frequency Fourier time features for an MLP) for flow-map methods."""
+    ``in_channels`` + ``size`` (image networks), ``num_classes`` when conditional, ``cond_channels`` (an
+    image condition of the data's H, W, for image networks) or ``cond_dim`` (its flattened size) when the
+    data has a condition ``c``, ``flow_map`` (with low-frequency Fourier time features for an MLP) for
+    flow-map methods."""
     shape = list(meta["shape"])
     m = dict(cfg.model)
+    if is_import_path(m.get("type")):  # the user's network: see resolve_user_model_config
+        return resolve_user_model_config(m, meta, flow_map=get_method(cfg.method_name).flow_map)
     m["type"] = model_type(m.get("type", "MLP"))
     if m["type"] == "MLP":
         m.setdefault("dim", int(math.prod(shape)))
@@ -119,6 +192,12 @@ def resolve_model_config(cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]
         m.setdefault("size", int(shape[1]))
     if meta.get("conditional"):
         m.setdefault("num_classes", int(meta["num_classes"]))
+    if meta.get("cond_shape") is not None:  # a condition c: image channels of the same H, W, or a vector
+        cs = [int(v) for v in meta["cond_shape"]]
+        if m["type"] != "MLP" and len(cs) == 3 and cs[1:] == shape[1:]:
+            m.setdefault("cond_channels", cs[0])
+        else:
+            m.setdefault("cond_dim", int(math.prod(cs)))
     if get_method(cfg.method_name).flow_map:
         m.setdefault("flow_map", True)
         if m["type"] == "MLP":
@@ -132,9 +211,15 @@ def build_model(cfg: RunConfig, meta: dict[str, Any] | None = None) -> nn.Module
     """The run's network: the method's own (``make_model``) or ``fewflow.models.build_model``."""
     meta = meta if meta is not None else _meta(cfg)
     spec = get_method(cfg.method_name)
+    user = is_import_path(cfg.model.get("type"))
     if spec.needs.model == "custom":
+        if user:
+            raise FewflowError(f"method {spec.name!r} builds its own network; --model {cfg.model['type']} "
+                               "does not apply")
         assert spec.make_model is not None
         return spec.make_model(spec.make_config(cfg.method), meta)
+    if user:
+        return build_user_model(resolve_model_config(cfg, meta), meta, flow_map=spec.flow_map)
     from fewflow.models import build_model as build
 
     m = resolve_model_config(cfg, meta)
@@ -144,6 +229,105 @@ def build_model(cfg: RunConfig, meta: dict[str, Any] | None = None) -> nn.Module
         raise
     except TypeError as e:
         raise FewflowError(f"bad model settings for {m['type']!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------- the user's network
+
+USER_MODEL_ARGS = ("shape", "num_classes", "cond_shape", "flow_map")
+
+
+def _user_model_class(path: str) -> type[nn.Module]:
+    from fewflow.data import import_object
+
+    cls = import_object(path, "model class")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise FewflowError(f"model {path!r} is a {type(cls).__name__}, not a torch.nn.Module class")
+    return cls
+
+
+def _accepts(cls: type, name: str) -> bool:
+    try:
+        p = inspect.signature(cls).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def resolve_user_model_config(m: dict[str, Any], meta: dict[str, Any], *, flow_map: bool) -> dict[str, Any]:
+    """The model config of a user network ``{"type": "module:Class", **kwargs}`` with the data-dependent
+    arguments its constructor names filled in (unless given): ``shape`` (one sample's shape),
+    ``num_classes`` (class-conditional runs), ``cond_shape`` (data with a condition ``c``), ``flow_map``
+    (flow-map methods)."""
+    m = dict(m)
+    cls = _user_model_class(str(m["type"]))
+    auto: dict[str, Any] = {"shape": [int(v) for v in meta["shape"]]}
+    if meta.get("conditional"):
+        auto["num_classes"] = int(meta["num_classes"])
+    if meta.get("cond_shape") is not None:
+        auto["cond_shape"] = [int(v) for v in meta["cond_shape"]]
+    if flow_map:
+        auto["flow_map"] = True
+    for key, value in auto.items():
+        if _accepts(cls, key):
+            m.setdefault(key, value)
+    return m
+
+
+def _one_line_error(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def build_user_model(m: dict[str, Any], meta: dict[str, Any], *, flow_map: bool = False) -> nn.Module:
+    """Import ``m["type"]`` (``module:Class``, an ``nn.Module`` subclass), construct it with the other
+    entries of ``m`` as keyword arguments (``shape`` / ``cond_shape`` as tuples) and check it on a batch of
+    two zero samples: ``model(x, t[, y=][, c=])`` (flow maps ``model(x, s, t, ...)``) must return a tensor
+    shaped like ``x``. Every failure is one :class:`FewflowError` naming the class."""
+    path = str(m["type"])
+    cls = _user_model_class(path)
+    kwargs = {k: (tuple(v) if k in ("shape", "cond_shape") and isinstance(v, list) else v)
+              for k, v in m.items() if k != "type"}
+    try:
+        model = cls(**kwargs)
+    except FewflowError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's constructor failed
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise FewflowError(f"cannot construct model {path}({args}): {_one_line_error(e)}") from e
+    if not isinstance(model, nn.Module) or not any(p.requires_grad for p in model.parameters()):
+        raise FewflowError(f"model {path} has no trainable parameters")
+    if flow_map and not getattr(model, "is_flow_map", False):
+        raise FewflowError(f"this method trains a flow map u(x, s, t): model {path} must set "
+                           "is_flow_map = True")
+    _probe_user_model(model, path, meta, flow_map)
+    return model
+
+
+def _probe_user_model(model: nn.Module, path: str, meta: dict[str, Any], flow_map: bool) -> None:
+    p = next(iter(model.parameters()), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    x = torch.zeros(2, *[int(v) for v in meta["shape"]], dtype=dtype)
+    times = (torch.full((2,), 0.25, dtype=dtype), torch.full((2,), 0.75, dtype=dtype)) if flow_map else (
+        torch.full((2,), 0.5, dtype=dtype),)
+    cond: dict[str, Any] = {}
+    if meta.get("conditional"):
+        cond["y"] = torch.zeros(2, dtype=torch.long)
+    if meta.get("cond_shape") is not None:
+        cond["c"] = torch.zeros(2, *[int(v) for v in meta["cond_shape"]], dtype=dtype)
+    call = f"model {path}(x, {'s, t' if flow_map else 't'}{''.join(f', {k}=' for k in cond)})"
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = model(x, *times, **cond)
+    except Exception as e:  # noqa: BLE001 - the user's forward failed
+        raise FewflowError(f"{call} failed on a test batch x of shape {tuple(x.shape)}: "
+                           f"{_one_line_error(e)}") from e
+    finally:
+        model.train(was)
+    if not torch.is_tensor(out) or out.shape != x.shape:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise FewflowError(f"{call} must return a velocity shaped like x {tuple(x.shape)}, got {got}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -243,7 +427,7 @@ def build_context(cfg: RunConfig, data: Any, *, teacher: Any = None, work_dir: P
         source=source,
         coupling=get_coupling(obj.coupling, **obj.coupling_kwargs),
         time_sampler=get_time_sampler(obj.time_sampler, **obj.time_kwargs),
-        num_classes=int(data.num_classes) if obj.conditional else None,
+        num_classes=int(data.num_classes) if obj.conditional and getattr(data, "num_classes", None) else None,
         label_dropout=float(obj.label_dropout),
         teacher=teacher,
         pairs=pairs,
@@ -345,6 +529,19 @@ def train_run(
     return result
 
 
+def _in_user_units(data: Any, rows: int) -> Any:
+    """The first ``rows`` samples of ``data`` (as ``.x``) in the user's units: user data's normalisation
+    undone, like the samples of ``generate``; other data as it is."""
+    rec = getattr(data, "normalization", None)
+    if rec is None:
+        return data
+    from types import SimpleNamespace
+
+    from fewflow.data import denormalize
+
+    return SimpleNamespace(x=denormalize(data.x[:rows], rec))
+
+
 def _figures(out_dir: Path, cfg: RunConfig, data: Any) -> None:
     from fewflow.plotting import plot_samples, plot_trajectories
     from fewflow.sampling import generate
@@ -353,7 +550,10 @@ def _figures(out_dir: Path, cfg: RunConfig, data: Any) -> None:
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = list(cfg.meta.get("shape", []))
     n = 2000 if shape == [2] else 64
-    res = generate(model, cfg, n, generator=gen, trajectory=shape == [2])
+    c = getattr(data, "c", None)  # samples for the data's own conditions (cycled to n rows)
+    cond = c[torch.arange(n) % c.shape[0]] if c is not None else None
+    res = generate(model, cfg, n, generator=gen, trajectory=shape == [2], cond=cond)
+    data = _in_user_units(data, n)  # the reference in the units generate returns
     vr = cfg.meta.get("value_range")
     plot_samples(
         res.x,

@@ -9,8 +9,9 @@ the benchmarks and the demo.
 2. turns the NFE budget into steps (:func:`fewflow.solvers.stepper_for_nfe`) and builds the time grid
    (:func:`fewflow.solvers.get_grid`, or a model's BOSS grid, cached in the user cache folder);
 3. draws x0 from the run's source (the fitted norm-aligned scale comes from the run's meta);
-4. wraps class-conditional models in classifier-free guidance (Ho & Salimans 2022) or RAAG
-   (ratio-aware adaptive guidance) when asked;
+4. passes the class labels and the condition tensor ``c`` (``cond=``, for runs whose data has ``c``), and
+   wraps conditional models in classifier-free guidance (Ho & Salimans 2022) or RAAG (ratio-aware
+   adaptive guidance) when asked -- the unconditional branch is the null class and null condition;
 5. integrates with :func:`fewflow.solvers.solve` under ``torch.no_grad`` and checks the result is finite.
 """
 
@@ -124,6 +125,41 @@ def _labels(cfg: RunConfig, n: int, label: int | Tensor | None, device: torch.de
     return y
 
 
+def _condition(cfg: RunConfig, n: int, cond: Any, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """The condition tensor ``c`` for ``n`` samples: ``cond`` of shape ``(n, *cond_shape)``, or one row
+    (``(1, *cond_shape)`` or ``cond_shape``) repeated; ``None`` when ``cond`` is None (the model's null
+    condition, which needs a run trained with condition dropout)."""
+    shape = cfg.meta.get("cond_shape")
+    if cond is None:
+        trained_null = cfg.objective.conditional and cfg.objective.label_dropout > 0
+        if shape is not None and not trained_null:
+            raise FewflowError(
+                f"this run is conditioned on c (one row of shape {tuple(shape)}) and has no trained null "
+                "condition (label_dropout = 0): pass cond (fewflow sample --cond FILE.npy)"
+            )
+        return None
+    if shape is None:
+        raise FewflowError("this run was trained without a condition c: cond (--cond) needs data with c")
+    shape = tuple(int(v) for v in shape)
+    try:
+        c = torch.as_tensor(cond)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise FewflowError(f"cond must be a numeric array of shape ({n}, *{shape}), got {exc}") from None
+    if tuple(c.shape) == shape:
+        c = c[None]
+    if c.dim() != len(shape) + 1 or tuple(c.shape[1:]) != shape or c.shape[0] not in (1, n):
+        raise FewflowError(
+            f"cond must have shape ({n}, {', '.join(map(str, shape))}) (or one row, broadcast), got "
+            f"{tuple(c.shape)}"
+        )
+    if c.dtype == torch.bool or c.is_complex():
+        raise FewflowError(f"cond must hold real numbers, got dtype {c.dtype}")
+    c = c.to(dtype=dtype)
+    if not bool(torch.isfinite(c).all()):
+        raise FewflowError(f"cond contains non-finite values ({int((~torch.isfinite(c)).sum())} NaN or inf)")
+    return c.to(device).expand(n, *shape).contiguous()
+
+
 def generate(
     model: Any,
     cfg: RunConfig,
@@ -135,6 +171,7 @@ def generate(
     grid_kwargs: Mapping[str, Any] | None = None,
     cfg_scale: float | None = None,
     label: int | Tensor | None = None,
+    cond: Tensor | None = None,
     x0: Tensor | None = None,
     source: Any = None,
     teacher: Any = None,
@@ -143,11 +180,15 @@ def generate(
     progress: bool = False,
     raag_alpha: float | None = None,
     check_finite: bool = True,
+    raw: bool = False,
 ) -> Any:
     """Draw ``n`` samples of a trained run (module docstring); returns the solver's ``SolveResult``
     (``.x``, ``.nfe``, ``.times``, ``.trajectory``); non-finite samples raise unless ``check_finite`` is
-    off (a benchmark scores them as diverged). ``x0`` fixes the source draws (evaluation);
-    ``nfe`` / ``stepper`` / ``grid`` default to the run's sampler settings, then the method's default."""
+    off (a benchmark scores them as diverged). ``cond`` is the condition tensor ``c`` of a run whose data
+    has one (``n`` rows, or one row for all; see :func:`_condition`). ``x0`` fixes the source draws
+    (evaluation); ``nfe`` / ``stepper`` / ``grid`` default to the run's sampler settings, then the
+    method's default. Samples (and the trajectory) of a run on user data come back in the data's own
+    units (``meta.normalization`` undone); ``raw=True`` keeps the model's normalised units."""
     from fewflow.solvers import as_grid, get_grid, solve, stepper_for_nfe
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -185,11 +226,17 @@ def generate(
     elif x0.shape[0] != n:
         raise FewflowError(f"x0 has {x0.shape[0]} rows, n={n}")
     scale = float(smp.cfg_scale if cfg_scale is None else cfg_scale)
-    cond: dict[str, Any] = {}
+    model_kw: dict[str, Any] = {}
     f = plan.model
-    if cfg.meta.get("conditional"):
-        k = int(cfg.meta["num_classes"])
-        cond["y"] = _labels(cfg, n, label, x0.device, generator)
+    k = int(cfg.meta["num_classes"]) if cfg.meta.get("conditional") else None
+    if k is not None:
+        model_kw["y"] = _labels(cfg, n, label, x0.device, generator)
+    elif label is not None:
+        raise FewflowError("this run is unconditional; --label needs a class-conditional run")
+    c = _condition(cfg, n, cond, x0.device, x0.dtype)
+    if c is not None:
+        model_kw["c"] = c
+    if model_kw:  # guidance: the unconditional branch is the null class and the null condition
         if raag_alpha is not None:
             from fewflow.guidance import RAAG
 
@@ -198,15 +245,24 @@ def generate(
             from fewflow.guidance import CFG
 
             f = CFG(f, scale, k)
-    elif label is not None:
-        raise FewflowError("this run is unconditional; --label needs a class-conditional run")
     elif scale != 1.0 or raag_alpha is not None:
-        raise FewflowError("this run is unconditional; guidance (--cfg, --raag) needs a conditional run")
+        need = "a condition (--cond)" if cfg.meta.get("cond_shape") is not None else "a conditional run"
+        raise FewflowError(f"this run is sampled unconditionally; guidance (--cfg, --raag) needs {need}")
     with torch.no_grad():
-        res = solve(f, x0, grid=time_grid, stepper=step_obj, cond=cond or None, trajectory=trajectory,
+        res = solve(f, x0, grid=time_grid, stepper=step_obj, cond=model_kw or None, trajectory=trajectory,
                     progress=progress, generator=generator)
     if check_finite and not bool(torch.isfinite(res.x).all()):
         bad = int((~torch.isfinite(res.x)).any(dim=tuple(range(1, res.x.dim()))).sum())
         raise FewflowError(f"sampling produced non-finite values in {bad} of {n} samples (a diverged model?)")
+    # -- user units: undo the normalisation of user data recorded at training (fewflow.data.normalize) --
+    if not raw and cfg.meta.get("normalization") is not None:
+        import dataclasses
+
+        from fewflow.data import denormalize
+
+        norm, traj = cfg.meta["normalization"], res.trajectory
+        res = dataclasses.replace(res, x=denormalize(res.x, norm),
+                                  trajectory=denormalize(traj, norm) if traj is not None else None)
+    # -- end user units --
     return res
 

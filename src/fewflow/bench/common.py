@@ -515,15 +515,41 @@ def run_datasets(
 
 
 def add_common_args(ap: Any, stem: str, datasets: str) -> None:
-    """The options both benchmark scripts share: mode, data sets, workers, seed, cache, output, quiet."""
+    """The options both benchmark scripts share: mode, data sets, workers, seed, cache, output, quiet.
+
+    ``--out`` defaults to ``benchmarks/results`` (the committed tables) only with ``--full``; quick and
+    smoke runs write to ``<user cache>/bench`` (``$FEWFLOW_CACHE/bench`` or ``~/.cache/fewflow/bench``), so
+    they never overwrite the committed results. An explicit ``--out`` wins in any order of the flags."""
+    import argparse
+
+    from fewflow.data import default_cache_dir as user_cache_dir
+
+    scratch = user_cache_dir() / "bench"
+
+    class _Mode(argparse.Action):  # sets the mode; the default --out follows it until --out is given
+        def __call__(self, parser: Any, ns: Any, values: Any, option_string: str | None = None) -> None:
+            ns.mode = self.const if self.nargs == 0 else values
+            if not getattr(ns, "out_given", False):
+                ns.out = RESULTS if ns.mode == "full" else scratch
+
+    class _Out(argparse.Action):
+        def __call__(self, parser: Any, ns: Any, values: Any, option_string: str | None = None) -> None:
+            ns.out, ns.out_given = values, True
+
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="CI mode (default)")
-    g.add_argument("--full", action="store_const", dest="mode", const="full", help="the committed tables")
-    g.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny (tests)")
-    g.add_argument("--mode", dest="mode", choices=("smoke", "quick", "full"), help="the same as the flags")
+    g.add_argument("--quick", action=_Mode, nargs=0, dest="mode", const="quick", help="CI mode (default)")
+    g.add_argument("--full", action=_Mode, nargs=0, dest="mode", const="full", help="the committed tables")
+    g.add_argument("--smoke", action=_Mode, nargs=0, dest="mode", const="smoke", help="tiny (tests)")
+    g.add_argument(
+        "--mode", action=_Mode, dest="mode", choices=("smoke", "quick", "full"), help="the same as the flags"
+    )
     ap.add_argument("--datasets", default=None, help=f"comma-separated: {datasets}")
     ap.add_argument("--workers", type=int, default=1, help="data sets in parallel processes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None, help="cache folder (default benchmarks/.cache)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help=f"folder for {stem}.{{md,json,png}}")
+    ap.add_argument(
+        "--out", type=Path, action=_Out, default=scratch,
+        help=f"folder for {stem}.{{md,json,png}} (default: benchmarks/results, the committed tables, with "
+        f"--full only; otherwise {scratch}, so quick and smoke runs never overwrite the committed results)",
+    )
     ap.add_argument("--quiet", action="store_true")

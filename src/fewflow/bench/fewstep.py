@@ -6,29 +6,13 @@ then each method trains a student of the same network family (``fewflow.models.M
 the method needs one) with the same optimiser (AdamW through ``fewflow.train.Trainer``, grad-clip 1, EMA
 0.999) and the same budget of network evaluations (see :mod:`fewflow.bench.common` for the accounting):
 
-=====================  =============================================================================
-``reflow``             Rectified Flow (Liu et al.): teacher pairs (Heun ODE from stored noise, sharded by
-                       ``generate_reflow_pairs``), retrain with ``CFMLoss.pair_loss`` from the teacher's
-                       weights ("2-RF" in the paper's numbering); 1-k Euler steps.
-``reflow2``            a second round: pairs from the reflowed model, retrain again ("3-RF"); both rounds
-                       and both pair sets inside the same budget.
-``rectified_diffusion`` Rectified Diffusion (Wang et al.): the same teacher pairs, the teacher's own
-                       parameterisation (velocity on the linear path) with the paper's x1-space pseudo-Huber
-                       loss, and its first-order sampler (``FirstOrderStep``).
-``meanflow``           MeanFlow (Geng et al.) from scratch: JVP target, uniform (s, t), 75 % s != t, plain
-                       MSE (the toy settings of docs/methods/meanflow.md).
-``splitmeanflow``      SplitMeanFlow (Guo et al.) in its distillation mode: teacher velocity on the boundary,
-                       initialised from the teacher.
-``mfrae``              the MF-RAE recipe (Hu et al.): consistency mid-training on 16-step teacher
-                       trajectories (teacher init), then MeanFlow distillation with the finite difference.
-``mdt_vm``, ``mdt_vmvd``  MDT-dist (Zhou et al.): Velocity Matching alone, and with Velocity Distillation.
-``consistency``        consistency distillation (Song et al.) with a Heun teacher step, as a flow map.
-``shortcut``           shortcut models (Frans et al.) from scratch.
-=====================  =============================================================================
-
-Ablations (``--ablations`` or by name in ``--only``): ``meanflow_ratio0`` (no s != t rows: plain CFM, the
-paper's collapse at 1 NFE) and ``meanflow_wrong_tangents`` (the paper's wrong JVP tangents); VM alone vs VM+VD
-is the ``mdt_vm`` / ``mdt_vmvd`` pair.
+The methods are the registry's few-step family (``fewflow methods``: reflow, reflow2, Rectified Diffusion,
+MeanFlow, SplitMeanFlow, MF-RAE, MDT-dist VM and VM + VD, consistency, shortcut; each built by its own
+``build`` and sampled by its own sampler), at the settings of its ``small_scale`` and the preset's pair set.
+Methods that start from the teacher copy its weights; teacher pairs and teacher trajectories are paid from
+the method's budget. Ablations (registered with ``ablation=True``; ``--ablations`` or by name in
+``--only``): MeanFlow with 0 % s != t rows and with the wrong JVP tangents; VM alone vs VM + VD is the
+``mdt_vm`` / ``mdt_vd`` pair.
 
 Each method's result is written to ``<cache>/<data set>/<method>-<key>/result.json`` as soon as it is done;
 a rerun only trains what is missing. Outputs: ``benchmarks/results/fewstep.{md,json,png}``.

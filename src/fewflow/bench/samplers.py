@@ -232,7 +232,7 @@ def _train_refiner_method(
     from fewflow.train import TrainConfig, train_stages
 
     spec = get_method(name)
-    mcfg = spec.make_config(values)
+    mcfg = spec.make_config({**spec.small_scale_values(), **values})
     fp = cfg.fewstep.preset(data.name)
     ledger = Ledger()
     meta: dict[str, Any] = {"shape": list(data.shape), "num_classes": data.num_classes,

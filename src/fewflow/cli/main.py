@@ -3,6 +3,8 @@
 Every command prints ``--help`` with examples. Errors in the user's input (bad options, an unknown
 data set, a missing or corrupt checkpoint, a config for another model) print ONE line
 ``error: ...`` on stderr and exit with code 2; ``fewflow --debug ...`` shows the traceback instead.
+A training run that stops early (a non-finite loss or gradient) prints one ``error: ...`` line and
+exits with code 3; an internal error (a bug) exits with code 1.
 
 Longer than fewflow's ~400-line guide on purpose: one click group: every command's options and help text.
 """
@@ -21,6 +23,18 @@ from fewflow._validate import FewflowError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_TRAINING_STOPPED = 3
+
+
+class TrainingStopped(FewflowError):
+    """``fewflow train`` ended before its last step (e.g. a non-finite loss): exit code 3."""
+
+
+def _check_completed(result: Any) -> None:
+    """Raise :class:`TrainingStopped` unless a training result ran to its end."""
+    reason = str(getattr(result, "stopped_reason", "completed"))
+    if reason not in ("completed", "already complete"):
+        raise TrainingStopped(f"training stopped at step {result.step}: {reason}")
 
 
 # --------------------------------------------------------------------------- error handling
@@ -94,6 +108,11 @@ class FewflowGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except TrainingStopped as e:
+            if debug:
+                raise
+            click.echo(f"error: {_first_line(e)}", err=True)
+            sys.exit(EXIT_TRAINING_STOPPED)
         except _user_errors() as e:
             if debug:
                 raise
@@ -203,8 +222,13 @@ def cli(debug: bool) -> None:
     "--data",
     "data",
     default=None,
-    help="Data set: 8gaussians, moons, checkerboard, spirals, rings, gmm, "
-    "digits, mnist.  [default: checkerboard, or the config's]",
+    help="Data: a built-in set (8gaussians, moons, checkerboard, spirals, rings, gmm, digits, mnist), "
+    "a folder of images (class subfolders = labels), an .npy / .npz / .csv file, or module:function. "
+    "[default: checkerboard, or the config's]",
+)
+@click.option(
+    "--image-size", "image_size", type=int, default=None,
+    help="Centre-crop and resize the images of a --data folder to S x S.",
 )
 @click.option("--method", default=None, help="Training method (see `fewflow methods`).  [default: cfm]")
 @click.option(
@@ -227,7 +251,11 @@ def cli(debug: bool) -> None:
 @click.option("--path", "path_schedule", default=None, help="Path schedule: linear|cosine|vp|polynomial.")
 @click.option("--time-sampler", default=None, help="uniform | logit_normal | shifted.")
 @click.option("--source", default=None, help="gaussian | norm_aligned.")
-@click.option("--model", "model_kind", default=None, help="Network: mlp | unet | dit.")
+@click.option(
+    "--model", "model_kind", default=None,
+    help="Network: mlp | unet | dit, or your own nn.Module class as module:Class "
+    "(constructor arguments: --set model.KEY=VALUE).",
+)
 @click.option("--conditional/--unconditional", default=None, help="Class-conditional training (labels y).")
 @click.option(
     "--label-dropout", type=float, default=None, help="Drop labels with this probability (for CFG)."
@@ -247,6 +275,7 @@ def cli(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Start afresh even if --out already holds a run.")
 def train_cmd(
     data,
+    image_size,
     method,
     teacher,
     out,
@@ -280,12 +309,19 @@ def train_cmd(
       fewflow train --data moons --method reflow --teacher runs/moons-ot --out runs/rf
       fewflow train --data digits --conditional --label-dropout 0.1 --out runs/digits
       fewflow train --config my_run.yaml --out runs/x --set train.lr=3e-4
+      fewflow train --data photos/ --image-size 32 --model unet --out runs/photos
+      fewflow train --data points.csv --model mynets:Net --set model.width=64 --out runs/mine
       fewflow train --out runs/cb --resume --steps 6000     # continue to 6000 steps
 
     Precedence: data-set defaults < --config file < flags. With --resume the run's own
     config.json is used and only --steps / --device / --no-progress may change.
+
+    Exit status: 0 when training ran to its last step; 2 for bad input; 3 when training
+    stopped early on a non-finite loss or gradient (diverged): OUT/latest still names the
+    last good checkpoint, and the weights, gradients and offending values of the failed
+    step are in OUT/diverged-<step>/ for inspection.
     """
-    from fewflow.config import RunConfig, default_config, model_type, read_config
+    from fewflow.config import RunConfig, read_config
     from fewflow.runs import read_run_folder, train_run
 
     _threads(threads)
@@ -303,6 +339,7 @@ def train_cmd(
         "objective.label_dropout": label_dropout,
         "model.type": model_kind,
         "data.n": n_data,
+        "data.kwargs.image_size": image_size,
         "seed": seed,
         "train.steps": steps,
         "train.batch_size": batch_size,
@@ -334,44 +371,86 @@ def train_cmd(
         if config_file:
             raw = read_config(config_file)
             raw = raw.get("run_config", raw)  # accept a run folder's config.json as well
-            if data:
-                raw.setdefault("data", {})["name"] = data
+            if data:  # another data source: forget what the config had recorded about its own
+                raw["data"] = {k: v for k, v in (raw.get("data") or {}).items()
+                               if k not in ("kind", "path", "sha256")}
+                raw["data"]["name"] = data
             if not (raw.get("data") or {}).get("name"):
                 raise FewflowError(f"{config_file} has no data section (data.name): add one or pass --data")
-            base = default_config(raw["data"]["name"])
+            raw["data"].pop("sha256", None)  # a new run records the file as it is now
+            base = _base_config(raw["data"]["name"])
             merged = base.to_dict()
             _deep_update(merged, raw)
             cfg = RunConfig.from_dict(merged)
         else:
-            cfg = default_config(data or "checkerboard")
+            cfg = _base_config(data or "checkerboard")
         kind = flags.pop("model.type", None)
-        if kind is not None and model_type(kind) != model_type(cfg.model.get("type", "MLP")):
+        if kind is not None and _model_kind(kind) != _model_kind(cfg.model.get("type", "MLP")):
             cfg = cfg.replace({"model": {"type": kind}})  # another network: drop the default's settings
         cfg = cfg.replace(flags)
+        if image_size is not None and cfg.data.kind is None and cfg.data.name in _builtin_data():
+            raise click.BadParameter(f"applies to a folder of images, not to {cfg.data.name!r}",
+                                     param_hint="--image-size")
         if force and out_dir.exists():
             import shutil
 
             shutil.rmtree(out_dir)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    what = cfg.data.name
+    if _user_inputs(cfg):  # bad user data or network (or a changed file): one error before training
+        from fewflow.runs import check_inputs
+
+        what = check_inputs(cfg).description or what
     if main_rank:
-        _say(f"training {cfg.method_name} on {cfg.data.name} -> {out_dir}")
+        _say(f"training {cfg.method_name} on {what} -> {out_dir}")
     result = train_run(cfg, out_dir, resume=resume)
+    _check_completed(result)
     if main_rank:
         _say(f"done: step {result.step}, last loss {result.last_loss:.4g} ({result.stopped_reason})")
         click.echo(str(out_dir))
 
 
+def _builtin_data() -> tuple[str, ...]:
+    from fewflow.data import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _base_config(name: str) -> Any:
+    """The defaults for ``--data NAME``: the built-in set's, or those for data from the user."""
+    from fewflow.config import default_config
+    from fewflow.runs import user_data_config
+
+    return default_config(name) if name in _builtin_data() else user_data_config(name)
+
+
+def _user_inputs(cfg: Any) -> bool:
+    """Whether the run trains on data from the user or with the user's network."""
+    from fewflow.data import is_import_path
+
+    return cfg.data.kind is not None or cfg.data.name not in _builtin_data() or is_import_path(
+        cfg.model.get("type"))
+
+
+def _model_kind(name: Any) -> str:
+    """A built-in network's canonical type (``unet`` -> ``UNet``) or a user's ``module:Class`` as is."""
+    from fewflow.config import model_type
+    from fewflow.data import parse_import_path
+
+    if ":" in str(name):
+        return ":".join(parse_import_path(name, "a model class (--model)"))
+    return model_type(name)
+
+
 def _deep_update(base: dict, new: dict) -> None:
     """Merge ``new`` into ``base``; a ``model`` section of another ``type`` replaces the default one."""
-    from fewflow.config import model_type
-
     for k, v in new.items():
         if (
             k == "model"
             and isinstance(v, dict)
             and "type" in v
             and isinstance(base.get(k), dict)
-            and model_type(v["type"]) != model_type(base[k].get("type", "MLP"))
+            and _model_kind(v["type"]) != _model_kind(base[k].get("type", "MLP"))
         ):
             base[k] = dict(v)
         elif isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -410,6 +489,10 @@ def _deep_update(base: dict, new: dict) -> None:
     "--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale (1 = off)."
 )
 @click.option("--label", type=int, default=None, help="Class label for a conditional run (default: random).")
+@click.option(
+    "--cond", "cond_file", type=click.Path(dir_okay=False), default=None,
+    help="Condition tensor c (.npy): N rows (or one row for all) of the run's cond_shape.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the source noise.")
 @click.option(
     "--which",
@@ -421,7 +504,8 @@ def _deep_update(base: dict, new: dict) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available) | cpu | cuda.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
 def sample_cmd(
-    run_dir, nfe, solver, n, out, grid, shift, raag_alpha, cfg_scale, label, seed, which, device, threads
+    run_dir, nfe, solver, n, out, grid, shift, raag_alpha, cfg_scale, label, cond_file, seed, which, device,
+    threads,
 ) -> None:
     """Draw samples from a trained run.
 
@@ -431,6 +515,7 @@ def sample_cmd(
       fewflow sample runs/cb --nfe 4 --grid shift --shift 3 --out s.png
       fewflow sample runs/digits --nfe 16 --cfg 2.0 --label 3 --out threes.png
       fewflow sample runs/digits --nfe 4 --cfg 3.0 --raag 10 --out raag.png
+      fewflow sample runs/cond --cond c.npy --n 500 --cfg 2.0 --out s.npy   # c: (500, *cond_shape)
       fewflow sample runs/cb --nfe 4 --grid boss --out boss.png     # cached in the user cache
       fewflow sample runs/cb --nfe 6 --solver flowturbo --out turbo.png
     """
@@ -447,6 +532,14 @@ def sample_cmd(
         raise click.BadParameter(f"output must end in .npy, .pt or .png, got {out!r}", param_hint="--out")
     if n < 1:
         raise click.BadParameter(f"must be positive, got {n}", param_hint="--n")
+    cond = None
+    if cond_file is not None:
+        import numpy as np
+
+        try:
+            cond = torch.from_numpy(np.load(cond_file, allow_pickle=False))
+        except (OSError, ValueError, TypeError) as exc:
+            raise FewflowError(f"cannot read the condition --cond {cond_file}: {exc}") from None
     model, cfg = load_run(run_dir, which=which, device=device)
     gkw = dict(cfg.sampler.grid_kwargs)
     if shift is not None:
@@ -462,6 +555,7 @@ def sample_cmd(
         grid_kwargs=gkw,
         cfg_scale=cfg_scale,
         label=label,
+        cond=cond,
         generator=gen,
         raag_alpha=raag_alpha,
     )
@@ -523,6 +617,7 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
     classifier features and that classifier's accuracy on class-conditional samples.
     Always: straightness of the sampling paths, wall time, actual NFE, and the two-sample
     floor (the same metric between two independent data draws of the same size).
+    Samples with NaN / inf (a diverged model) and unknown --solver names are errors (exit 2).
 
     \b
     Examples:
@@ -535,7 +630,7 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
     _threads(threads)
     device = _device(device)
     nfes = _parse_int_list(nfe, "--nfe")
-    solvers = [s for s in (solver or "").split(",") if s] or None
+    solvers = [s.strip() for s in (solver or "").split(",") if s.strip()] or None  # unknown: an error
     model, cfg = load_run(run_dir, which=which, device=device)
     report = evaluate_run(
         model, cfg, nfes=nfes, steppers=solvers, grid=grid, n=n, seed=seed, progress=not as_json

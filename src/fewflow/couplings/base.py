@@ -59,6 +59,8 @@ class Coupling:
         check_finite("x1", x1)
         check_batch("x0", x0)
         check_same_shape("x0", x0, "x1", x1)
+        if not x0.is_floating_point() or not x1.is_floating_point():
+            raise FewflowError(f"x0 and x1 must be floating-point tensors, got {x0.dtype} and {x1.dtype}")
         if y is not None:
             if not torch.is_tensor(y):
                 raise FewflowError(f"y must be a torch.Tensor of labels, got {type(y).__name__}")
@@ -91,6 +93,12 @@ def pairwise_cost(x0: Tensor, x1: Tensor, cost: str = "sqeuclidean") -> Tensor:
     """
     if cost not in ("sqeuclidean", "euclidean"):
         raise FewflowError(f"unknown cost {cost!r}; choose one of: euclidean, sqeuclidean")
+    for name, z in (("x0", x0), ("x1", x1)):
+        check_finite(name, z)
+        if z.dim() < 1 or z.shape[0] == 0 or z.numel() == 0:
+            raise FewflowError(f"{name} must be a non-empty batch (B, ...), got shape {tuple(z.shape)}")
+    if x0.shape[1:] != x1.shape[1:]:
+        raise FewflowError(f"x0 samples have shape {tuple(x0.shape[1:])}, x1 samples {tuple(x1.shape[1:])}")
     a = x0.detach().reshape(x0.shape[0], -1).to(device="cpu", dtype=torch.float64)
     b = x1.detach().reshape(x1.shape[0], -1).to(device="cpu", dtype=torch.float64)
     d2 = (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2.0 * a @ b.T).clamp_min_(0.0)

@@ -24,8 +24,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from fewflow._validate import FewflowError
+from fewflow._validate import FewflowError, check_finite, check_time
 from fewflow.couplings.base import Coupling, CouplingResult, pairwise_cost
+
+
+def _number(v: object) -> float:
+    """``float(v)`` for a parameter check; NaN (which fails every comparison) when ``v`` is not a number."""
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _assignment(cost: Tensor) -> Tensor:
@@ -158,7 +166,12 @@ def entropic_plan(cost: Tensor, reg: float, method: str = "auto", max_iter: int 
     """
     import ot  # POT; imported lazily because it is slow to import
 
-    m = cost.numpy()
+    check_finite("cost", cost)
+    if cost.dim() != 2 or cost.numel() == 0:
+        raise FewflowError(f"cost must be a non-empty (B0, B1) matrix, got shape {tuple(cost.shape)}")
+    if not (_number(reg) > 0 and math.isfinite(_number(reg))):
+        raise FewflowError(f"reg must be a finite number > 0, got {reg!r}")
+    m = cost.detach().to("cpu", torch.float64).numpy()
     if method == "auto":
         method = "sinkhorn_log" if float(m.max()) / reg > 50.0 else "sinkhorn"
     if method not in ("sinkhorn", "sinkhorn_log"):
@@ -219,6 +232,11 @@ def brownian_bridge_noise(t: Tensor, sigma: float, eps: float = 1e-6) -> tuple[T
     ends). With ``x_t = mu_t + s(t) z`` the conditional target becomes ``dmu_t + s'(t) z``, which for the
     linear path equals SB-CFM's ``(1 - 2t) / (2 t (1 - t)) (x_t - mu_t) + (x1 - x0)`` (Tong et al. 2024).
     """
+    if not torch.is_tensor(t):
+        raise FewflowError(f"t must be a tensor of times, got {type(t).__name__}")
+    check_time(t, "t")
+    if not (_number(sigma) >= 0 and math.isfinite(_number(sigma))):
+        raise FewflowError(f"sigma must be a finite number >= 0, got {sigma!r}")
     v = (t * (1 - t)).clamp_min(eps)
     root = v.sqrt()
     return sigma * root, sigma * (1 - 2 * t) / (2 * root)

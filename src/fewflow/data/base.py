@@ -26,7 +26,12 @@ class Dataset:
         value_range: ``(lo, hi)``; images are scaled to ``(-1, 1)``; for toys it is the range of the
             returned sample.
         description: one line saying what the data is and where it comes from.
-        meta: extra facts about the generator (e.g. mixture means), plain values or tensors.
+        meta: extra facts about the generator (e.g. mixture means), plain values or tensors; data from the
+            user records ``meta["source"] = {"kind", "path", "sha256"}``.
+        c: optional per-sample condition tensor ``(N, ...)`` (float32), one row per sample, passed to
+            models as ``c=``.
+        normalization: how ``x`` was normalised from the user's units (see :mod:`fewflow.data.normalize`),
+            or ``None`` for the built-in data sets.
     """
 
     x: Tensor
@@ -36,6 +41,8 @@ class Dataset:
     value_range: tuple[float, float] = (-1.0, 1.0)
     description: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    c: Tensor | None = None  # optional per-sample condition tensor (N, ...), passed to models as c=
+    normalization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not torch.is_tensor(self.x) or self.x.dim() < 2:
@@ -45,6 +52,11 @@ class Dataset:
             raise FewflowError(
                 f"Dataset.y must have shape ({self.x.shape[0]},) to match x, got {tuple(self.y.shape)}"
             )
+        if self.c is not None:
+            if not torch.is_tensor(self.c) or self.c.dim() < 1 or self.c.shape[0] != self.x.shape[0]:
+                got = tuple(self.c.shape) if torch.is_tensor(self.c) else type(self.c).__name__
+                raise FewflowError(f"Dataset.c must have one row per sample ({self.x.shape[0]}), got {got}")
+            check_finite("Dataset.c", self.c)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,11 +67,12 @@ class Dataset:
         return int(self.x.shape[0])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Dataset:
-        """A copy with ``x`` (and ``y``) moved; ``dtype`` applies to ``x`` only."""
+        """A copy with ``x`` (and ``y``, ``c``) moved; ``dtype`` applies to ``x`` only."""
         y = self.y.to(device) if (self.y is not None and device is not None) else self.y
+        c = self.c.to(device) if (self.c is not None and device is not None) else self.c
         return Dataset(
             self.x.to(device=device, dtype=dtype), y, self.name, self.num_classes, self.value_range,
-            self.description, dict(self.meta),
+            self.description, dict(self.meta), c, self.normalization,
         )
 
 

@@ -67,13 +67,14 @@ class RatioRecord:
 
 
 class RAAG:
-    """Ratio-aware adaptive CFG as a velocity (or flow-map) model ``raag(x, t, y=labels)``.
+    """Ratio-aware adaptive CFG as a velocity (or flow-map) model ``raag(x, t, y=labels)`` (or ``c=cond``).
 
     Args:
         model: conditional model, label ``num_classes`` = null class (as for :class:`CFG`).
         w_max: the guidance scale reached when the ratio is 0 (``>= 0``; ``1`` = the conditional model).
         alpha: decay rate ``>= 0``; ``alpha = 0`` is constant CFG with scale ``w_max``.
-        num_classes: K (null label K).
+        num_classes: K (null label K); ``None`` for a model conditioned on a tensor ``c`` alone (its
+            unconditional branch is the null condition, ``c_mask = False``; see :class:`CFG`).
         squared: the paper's ratio of squared norms (default True); False for the unsquared ratio
             (its square root, which needs a different ``alpha`` for the same damping).
         eps: floor of ``||v_u||`` (near data ``v_u`` can vanish).
@@ -87,7 +88,7 @@ class RAAG:
         model: Callable[..., Tensor],
         w_max: float,
         alpha: float,
-        num_classes: int,
+        num_classes: int | None = None,
         squared: bool = True,
         eps: float = 1e-8,
         interval: tuple[float, float] | None = None,

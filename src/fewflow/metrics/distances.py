@@ -5,6 +5,7 @@ All return Python floats and compute in float64 on the inputs' device (float32 o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -14,6 +15,8 @@ from torch import Tensor
 from fewflow._validate import FewflowError, check_finite
 
 W2_MAX_POINTS = 6000
+#: more random directions than this in sliced_wasserstein is a typo (memory is n_proj x D)
+MAX_PROJECTIONS = 1_000_000
 
 
 def _pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,13 +68,18 @@ def sliced_wasserstein(
     ``+-1`` and ``SW_p = W_p`` exactly.
     """
     a2, b2 = _pair(a, b)
-    if n_proj < 1 or p < 1:
-        raise FewflowError(f"need n_proj >= 1 and p >= 1, got n_proj={n_proj}, p={p}")
+    if not (n_proj >= 1 and p >= 1 and math.isfinite(p)) or n_proj > MAX_PROJECTIONS:
+        raise FewflowError(
+            f"need 1 <= n_proj <= {MAX_PROJECTIONS} and a finite p >= 1, got n_proj={n_proj}, p={p}"
+        )
     d = a2.shape[1]
     gdev = generator.device if generator is not None else torch.device("cpu")
     theta = torch.randn(d, n_proj, generator=generator, device=gdev, dtype=torch.float64)
     theta = (theta / theta.norm(dim=0, keepdim=True)).to(device=a2.device, dtype=a2.dtype)
-    return float(wasserstein_1d(a2 @ theta, b2 @ theta, p).mean() ** (1.0 / p))
+    out = float(wasserstein_1d(a2 @ theta, b2 @ theta, p).mean() ** (1.0 / p))
+    if not math.isfinite(out):  # |difference|^p overflowed float64 (a huge p or huge values)
+        raise FewflowError(f"sliced_wasserstein overflowed with p={p}: use a smaller p or rescale the data")
+    return out
 
 
 def wasserstein2(a: Tensor, b: Tensor, max_points: int = W2_MAX_POINTS) -> float:

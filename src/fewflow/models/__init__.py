@@ -1,8 +1,9 @@
 """Reference networks: time-embedded MLP, small U-Net, small DiT; ``build_model`` rebuilds from ``.config``.
 
-Every model is ``forward(x, t, y=None)`` (velocity) or ``forward(x, s, t, y=None)`` with
+Every model is ``forward(x, t, y=None, c=None)`` (velocity) or ``forward(x, s, t, y=None, c=None)`` with
 ``is_flow_map = True`` (average velocity on ``[s, t]``); none uses BatchNorm, and attention is written
-out so ``torch.func.jvp`` works through every model.
+out so ``torch.func.jvp`` works through every model. ``c`` is an optional condition tensor (``cond_dim``
+values per row, or ``cond_channels`` image channels), with ``c_mask = False`` marking null rows.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewflow._validate import FewflowError, check_batch
+from fewflow.models._dtype import param_dtype_inputs
 from fewflow.models.embeddings import Conditioning, default_time_scale, parse_times
 from fewflow.models.unet import plain_attention
 
@@ -65,7 +66,14 @@ class _Block(nn.Module):
 
 
 class DiT(nn.Module):
-    """Small DiT ``v(x, t, y=None)`` / flow map ``u(x, s, t, y=None)`` on ``(B, in_channels, size, size)``."""
+    """Small DiT ``v(x, t, y=None, c=None)`` / flow map ``u(x, s, t, y=None, c=None)`` on
+    ``(B, in_channels, size, size)``.
+
+    A condition tensor ``c`` is a vector (``cond_dim`` values per row, added to the adaLN conditioning) or
+    an image ``(B, cond_channels, size, size)`` concatenated to the input before patchifying; null rows
+    (``c_mask = False`` or ``c=None``) use the learned null condition
+    (:class:`fewflow.models.embeddings.Conditioning`).
+    """
 
     is_flow_map: bool = False
 
@@ -82,6 +90,8 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         time_features: str = "sinusoidal",
         time_scale: float | None = None,
+        cond_dim: int | None = None,
+        cond_channels: int | None = None,
     ) -> None:
         super().__init__()
         if size % patch:
@@ -94,12 +104,14 @@ class DiT(nn.Module):
             "type": "DiT", "size": size, "patch": patch, "in_channels": in_channels, "hidden": hidden,
             "depth": depth, "heads": heads, "num_classes": num_classes, "flow_map": flow_map,
             "mlp_ratio": mlp_ratio, "time_features": time_features, "time_scale": float(time_scale),
+            "cond_dim": cond_dim, "cond_channels": cond_channels,
         }
         self.size, self.patch, self.in_channels, self.num_classes = size, patch, in_channels, num_classes
         self.is_flow_map = bool(flow_map)
         self.grid = size // patch
-        self.cond = Conditioning(hidden, time_features, time_scale, num_classes, flow_map)
-        self.embed = nn.Conv2d(in_channels, hidden, patch, stride=patch)
+        self.cond = Conditioning(hidden, time_features, time_scale, num_classes, flow_map, cond_dim=cond_dim,
+                                 cond_channels=cond_channels)
+        self.embed = nn.Conv2d(in_channels + (cond_channels or 0), hidden, patch, stride=patch)
         self.register_buffer("pos", sincos_pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(_Block(hidden, heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -109,8 +121,11 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, *times: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """``forward(x, t, y=None)`` or, for flow maps, ``forward(x, s, t, y=None)``."""
+    def forward(self, x: Tensor, *times: Tensor | float, y: Tensor | None = None, c: Tensor | None = None,
+                c_mask: Tensor | None = None) -> Tensor:
+        """``forward(x, t, y=None, c=None)`` or, for flow maps, ``forward(x, s, t, y=None, c=None)``;
+        ``c_mask`` (bool ``(B,)``, False = null condition) marks rows whose ``c`` is dropped."""
+        x, c = param_dtype_inputs(self, x, c)  # float16 / float64 inputs: cast to the weights' dtype
         check_batch("x", x, 4)
         if x.shape[1:] != (self.in_channels, self.size, self.size):
             raise FewflowError(
@@ -118,11 +133,12 @@ class DiT(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         s, t = parse_times(x, times, self.is_flow_map)
-        c = self.cond(t, s, y)
-        h = self.embed(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
+        emb = self.cond(t, s, y, c, c_mask)
+        h = self.embed(self.cond.concat_channels(x, c, c_mask))
+        h = h.flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
         for blk in self.blocks:
-            h = blk(h, c)
-        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
+            h = blk(h, emb)
+        shift, scale = self.ada_out(F.silu(emb)).chunk(2, dim=-1)
         h = self.out(_modulate(self.norm_out(h), shift, scale))  # (B, grid^2, p*p*C)
         b, g, p, ch = x.shape[0], self.grid, self.patch, self.in_channels
         h = h.reshape(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)

@@ -18,6 +18,7 @@ Each is followed by ``Linear -> SiLU -> Linear`` to the network width (as in DiT
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -78,16 +79,34 @@ class TimeEmbedding(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """Sum of the embeddings a network is conditioned on: ``emb(t) [+ emb_h(t - s)] [+ emb_y(y)]``.
+    """Sum of the embeddings a network is conditioned on: ``emb(t) [+ emb_h(t - s)] [+ emb_y(y)]
+    [+ emb_c(c)]``.
 
     Flow-map models embed the end time ``t`` and the interval ``h = t - s`` with separate embedders, as
     MeanFlow's DiT does ("Mean Flows for One-step Generative Modeling"). Class labels use ``K + 1``
     embeddings: row ``K`` is the null class used for classifier-free guidance, and ``y=None`` means null.
+
+    **Condition tensors** ``c`` (one per row, any shape ``(B, ...)``):
+
+    * ``cond_dim = D`` (a vector condition, ``D`` = the flattened size of one row of ``c``):
+      ``emb_c(c) = W2 SiLU(W1 flatten(c) + b1) + b2``, added to the time/class embedding.
+    * ``cond_channels = C'`` (an image condition ``(B, C', H, W)`` of the input's ``H, W``): the network
+      concatenates ``c`` to its input channels (:meth:`concat_channels`); ``emb_c`` is then 0.
+
+    **Null condition** (what classifier-free guidance and RAAG use as the unconditional branch): a
+    learned vector ``e_null`` (zero-initialised, ``width`` entries). ``c_mask`` is an optional boolean
+    ``(B,)``: rows with ``c_mask = False`` are *null* rows, and ``c=None`` makes every row null, the way
+    ``y=None`` means the null class. For a null row ``emb_c = e_null`` replaces ``W2 SiLU(W1 c + b1) + b2``
+    (vector condition), or ``emb_c = e_null`` is added and the concatenated channels are zeros
+    (channel condition), so an all-zero image stays distinguishable from "no condition". Training drops
+    ``c`` by setting ``c_mask`` (:func:`fewflow.objectives.common.drop_labels`); CFG calls the model with
+    ``c_mask = False`` on its unconditional half. No operation is in place, so ``torch.func.jvp`` works.
     """
 
     def __init__(
         self, width: int, time_features: str, time_scale: float, num_classes: int | None, flow_map: bool,
-        feature_dim: int = 64, num_frequencies: int = 4,
+        feature_dim: int = 64, num_frequencies: int = 4, cond_dim: int | None = None,
+        cond_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.t_embed = TimeEmbedding(width, time_features, time_scale, feature_dim, num_frequencies)
@@ -98,13 +117,29 @@ class Conditioning(nn.Module):
             raise FewflowError(f"num_classes must be a positive int or None, got {num_classes!r}")
         self.num_classes = num_classes
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes is not None else None
+        for name, v in (("cond_dim", cond_dim), ("cond_channels", cond_channels)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise FewflowError(f"{name} must be a positive int or None, got {v!r}")
+        if cond_dim is not None and cond_channels is not None:
+            raise FewflowError("set cond_dim (a vector condition c) or cond_channels (an image condition), "
+                               "not both: a model takes one condition tensor c")
+        self.cond_dim, self.cond_channels = cond_dim, cond_channels
+        self.c_embed = None
+        if cond_dim is not None:
+            self.c_embed = nn.Sequential(nn.Linear(cond_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.c_null = None
+        if cond_dim is not None or cond_channels is not None:
+            self.c_null = nn.Parameter(torch.zeros(width))
 
-    def forward(self, t: Tensor, s: Tensor | None = None, y: Tensor | None = None) -> Tensor:
-        c = self.t_embed(t)
+    def forward(
+        self, t: Tensor, s: Tensor | None = None, y: Tensor | None = None, c: Tensor | None = None,
+        c_mask: Tensor | None = None,
+    ) -> Tensor:
+        emb = self.t_embed(t)
         if self.h_embed is not None:
             if s is None:
                 raise FewflowError("flow-map model needs both s and t")
-            c = c + self.h_embed(t - s)
+            emb = emb + self.h_embed(t - s)
         if self.y_embed is not None:
             assert self.num_classes is not None
             if y is None:
@@ -120,10 +155,80 @@ class Conditioning(nn.Module):
                 raise FewflowError(
                     f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)"
                 )
-            c = c + self.y_embed(y.long())
+            emb = emb + self.y_embed(y.long())
         elif y is not None:
             raise FewflowError("model was built without num_classes but received class labels y")
+        if self.c_null is not None:
+            emb = emb + self.condition_embedding(c, c_mask, t)
+        elif c is not None or c_mask is not None:
+            raise FewflowError(
+                "model was built without cond_dim / cond_channels but received a condition c; build it "
+                "with cond_dim=<flattened size of one row of c> (or cond_channels for an image condition)"
+            )
+        return emb
+
+    def _keep(self, c_mask: Tensor | None, b: int, device: torch.device) -> Tensor | None:
+        """``c_mask`` as a ``(B,)`` bool tensor (True = the row keeps its condition), or None (all kept)."""
+        if c_mask is None:
+            return None
+        if not torch.is_tensor(c_mask) or c_mask.shape != (b,) or c_mask.is_floating_point():
+            got = tuple(c_mask.shape) if torch.is_tensor(c_mask) else type(c_mask).__name__
+            raise FewflowError(
+                f"c_mask must be a bool tensor of shape ({b},) (False = null condition), got {got}"
+            )
+        return c_mask.to(device) if c_mask.dtype == torch.bool else c_mask.to(device) != 0
+
+    def _check_c(self, c: Any, b: int, device: torch.device) -> Tensor:
+        if not torch.is_tensor(c):
+            raise FewflowError(
+                f"condition c must be a torch.Tensor of shape ({b}, ...), got {type(c).__name__}"
+            )
+        if c.device != device:
+            raise FewflowError(f"condition c is on {c.device} but the input is on {device}")
         return c
+
+    def condition_embedding(self, c: Tensor | None, c_mask: Tensor | None, t: Tensor) -> Tensor:
+        """``emb_c``, ``(B, width)``: ``MLP(flatten(c))`` on kept rows and ``e_null`` on null rows (vector
+        condition), or ``e_null`` on null rows and 0 elsewhere (channel condition)."""
+        assert self.c_null is not None
+        b = t.shape[0]
+        null = self.c_null.to(t.dtype)[None, :].expand(b, -1)
+        if c is None:
+            return null
+        c = self._check_c(c, b, t.device)
+        keep = self._keep(c_mask, b, t.device)
+        if self.c_embed is None:  # channel condition: only the null flag enters the embedding
+            if keep is None:
+                return torch.zeros_like(null)
+            return torch.where(keep[:, None], torch.zeros_like(null), null)
+        if c.dim() < 1 or c.shape[0] != b or c[0].numel() != self.cond_dim:
+            raise FewflowError(
+                f"condition c must have shape ({b}, ...) with cond_dim={self.cond_dim} values per row, got "
+                f"{tuple(c.shape)}"
+            )
+        e = self.c_embed(c.reshape(b, -1).to(t.dtype))
+        return e if keep is None else torch.where(keep[:, None], e, null)
+
+    def concat_channels(self, x: Tensor, c: Tensor | None, c_mask: Tensor | None) -> Tensor:
+        """``cat([x, c], dim=1)`` for a channel condition (``cond_channels``), ``c`` zeroed on null rows and
+        all zeros when ``c=None``; ``x`` unchanged for other models."""
+        if self.cond_channels is None:
+            return x
+        b = x.shape[0]
+        want = (b, self.cond_channels, *x.shape[2:])
+        if c is None:
+            return torch.cat([x, x.new_zeros(want)], dim=1)
+        c = self._check_c(c, b, x.device)
+        if tuple(c.shape) != want:
+            raise FewflowError(
+                f"image condition c must have shape {want} (cond_channels={self.cond_channels} and the "
+                f"input's H, W), got {tuple(c.shape)}"
+            )
+        c = c.to(x.dtype)
+        keep = self._keep(c_mask, b, x.device)
+        if keep is not None:
+            c = torch.where(keep.reshape(b, *([1] * (c.dim() - 1))), c, torch.zeros_like(c))
+        return torch.cat([x, c], dim=1)
 
 
 def parse_times(x: Tensor, args: tuple, flow_map: bool) -> tuple[Tensor | None, Tensor]:

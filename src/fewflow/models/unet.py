@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewflow._validate import FewflowError, check_batch
+from fewflow.models._dtype import param_dtype_inputs
 from fewflow.models.embeddings import Conditioning, default_time_scale, parse_times
 
 
@@ -66,10 +67,15 @@ class _Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """Small U-Net ``v(x, t, y=None)`` / flow map ``u(x, s, t, y=None)`` on ``(B, in_channels, size, size)``.
+    """Small U-Net ``v(x, t, y=None, c=None)`` / flow map ``u(x, s, t, y=None, c=None)`` on
+    ``(B, in_channels, size, size)``.
 
     ``mults`` gives the channel multiplier of each resolution (``base * m``); the image is halved between
     levels, so ``size`` must be divisible by ``2^(len(mults) - 1)``. No BatchNorm; GroupNorm throughout.
+    A condition tensor ``c`` is either a vector (``cond_dim`` values per row, embedded into the time/class
+    embedding) or an image ``(B, cond_channels, size, size)`` concatenated to the input channels; null
+    rows (``c_mask = False`` or ``c=None``) use the learned null condition
+    (:class:`fewflow.models.embeddings.Conditioning`).
     """
 
     is_flow_map: bool = False
@@ -86,6 +92,8 @@ class UNet(nn.Module):
         heads: int = 1,
         time_features: str = "sinusoidal",
         time_scale: float | None = None,
+        cond_dim: int | None = None,
+        cond_channels: int | None = None,
     ) -> None:
         super().__init__()
         mults = tuple(int(m) for m in mults)
@@ -98,13 +106,15 @@ class UNet(nn.Module):
         self.config: dict[str, Any] = {
             "type": "UNet", "in_channels": in_channels, "base": base, "mults": list(mults), "size": size,
             "num_classes": num_classes, "flow_map": flow_map, "attention": attention, "heads": heads,
-            "time_features": time_features, "time_scale": float(time_scale),
+            "time_features": time_features, "time_scale": float(time_scale), "cond_dim": cond_dim,
+            "cond_channels": cond_channels,
         }
         self.in_channels, self.size, self.num_classes = in_channels, size, num_classes
         self.is_flow_map = bool(flow_map)
         emb = 4 * base
-        self.cond = Conditioning(emb, time_features, time_scale, num_classes, flow_map)
-        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
+        self.cond = Conditioning(emb, time_features, time_scale, num_classes, flow_map, cond_dim=cond_dim,
+                                 cond_channels=cond_channels)
+        self.conv_in = nn.Conv2d(in_channels + (cond_channels or 0), base, 3, padding=1)
         chans = [base * m for m in mults]
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -127,8 +137,11 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, *times: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """``forward(x, t, y=None)`` or, for flow maps, ``forward(x, s, t, y=None)``."""
+    def forward(self, x: Tensor, *times: Tensor | float, y: Tensor | None = None, c: Tensor | None = None,
+                c_mask: Tensor | None = None) -> Tensor:
+        """``forward(x, t, y=None, c=None)`` or, for flow maps, ``forward(x, s, t, y=None, c=None)``;
+        ``c_mask`` (bool ``(B,)``, False = null condition) marks rows whose ``c`` is dropped."""
+        x, c = param_dtype_inputs(self, x, c)  # float16 / float64 inputs: cast to the weights' dtype
         check_batch("x", x, 4)
         if x.shape[1:] != (self.in_channels, self.size, self.size):
             raise FewflowError(
@@ -136,20 +149,20 @@ class UNet(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         s, t = parse_times(x, times, self.is_flow_map)
-        c = self.cond(t, s, y)
-        h = self.conv_in(x)
+        emb = self.cond(t, s, y, c, c_mask)
+        h = self.conv_in(self.cond.concat_channels(x, c, c_mask))
         skips = []
         for i, blk in enumerate(self.down):
-            h = blk(h, c)
+            h = blk(h, emb)
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
-        h = self.mid1(h, c)
+        h = self.mid1(h, emb)
         if self.attn is not None:
             h = self.attn(h)
-        h = self.mid2(h, c)
+        h = self.mid2(h, emb)
         for j, blk in enumerate(self.up):
-            h = blk(torch.cat([h, skips.pop()], dim=1), c)
+            h = blk(torch.cat([h, skips.pop()], dim=1), emb)
             if j < len(self.upsample):
                 h = self.upsample[j](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))

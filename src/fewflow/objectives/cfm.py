@@ -46,8 +46,10 @@ class CFMLoss:
         coupling: pairs ``x0`` with ``x1`` (default :class:`~fewflow.couplings.IndependentCoupling`).
         time_sampler: distribution of t (default :class:`UniformTime`).
         weighting: optional ``lambda(t) -> (B,)`` time weighting multiplied into the per-sample loss.
-        label_dropout: probability of replacing ``y`` by the null class ``num_classes`` (CFG training).
-        num_classes: number of real classes; required when ``label_dropout > 0``.
+        label_dropout: probability of dropping a row's condition (CFG training): ``y`` becomes the null
+            class ``num_classes`` and a condition tensor ``c`` is marked null (``c_mask = False``); see
+            :func:`fewflow.objectives.common.drop_labels`.
+        num_classes: number of real classes; required when labels are dropped.
         sigma_path_noise: Brownian-bridge noise level sigma (``x_t += sigma sqrt(t(1-t)) z``). ``None``: use
             ``coupling.path_noise(t)`` if the coupling has one (``SchrodingerBridgeCoupling``), else none.
             ``0.0`` disables the coupling's noise.
@@ -77,8 +79,9 @@ class CFMLoss:
             raise FewflowError(f"path needs .sample(x0, x1, t) (e.g. AffinePath), got {type(path).__name__}")
         if not (0.0 <= label_dropout <= 1.0):
             raise FewflowError(f"label_dropout must lie in [0, 1], got {label_dropout}")
-        if label_dropout > 0 and (num_classes is None or num_classes < 1):
-            raise FewflowError("label_dropout > 0 needs num_classes (the null class is y = num_classes)")
+        if num_classes is not None and num_classes < 1:
+            raise FewflowError(f"num_classes must be a positive int (the null class is y = num_classes), "
+                               f"got {num_classes}")
         if sigma_path_noise is not None and not (math.isfinite(sigma_path_noise) and sigma_path_noise >= 0):
             raise FewflowError(f"sigma_path_noise must be a finite number >= 0, got {sigma_path_noise}")
         if source is not None and not hasattr(source, "sample_like"):
@@ -102,8 +105,8 @@ class CFMLoss:
         return fn(t) if callable(fn) else None
 
     def _drop_labels(self, cond: dict[str, Any], generator: torch.Generator | None) -> dict[str, Any]:
-        y = cond.get("y")
-        like = torch.empty(0, device=y.device) if torch.is_tensor(y) else torch.empty(0)
+        ref = cond.get("y") if torch.is_tensor(cond.get("y")) else cond.get("c")
+        like = torch.empty(0, device=ref.device) if torch.is_tensor(ref) else torch.empty(0)
         return drop_labels(cond, self.label_dropout, self.num_classes, like, generator)[0]
 
     def _sample_source(self, x1: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -225,7 +228,7 @@ class CFMConfig:
     """Settings of :class:`CFMLoss` beyond the run's path, coupling, time sampler and source."""
 
     sigma_path_noise: float | None = field(
-        default=None, metadata={"help": "std of Gaussian noise around the path (I-CFM's sigma); null: none"}
+        default=None, metadata={"help": "std of Gaussian noise around the path (I-CFM); null: the coupling's"}
     )
 
 

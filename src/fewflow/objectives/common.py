@@ -1,4 +1,4 @@
-"""Small helpers shared by the objectives: source draws, label dropout, per-sample errors, checks.
+"""Small helpers shared by the objectives: source draws, label / condition dropout, per-sample errors, checks.
 
 One copy of each so that every loss (CFM, MeanFlow, SplitMeanFlow, MF-RAE, MDT-dist, consistency,
 Rectified Diffusion, ...) draws noise, drops labels and validates its model the same way.
@@ -79,18 +79,33 @@ def sample_source(source: Any, x1: Tensor, generator: torch.Generator | None) ->
 def drop_labels(
     cond: dict[str, Any], p: float, num_classes: int | None, like: Tensor, generator: torch.Generator | None
 ) -> tuple[dict[str, Any], Tensor | None]:
-    """Classifier-free-guidance training (Ho & Salimans 2022): replace each label ``y`` by the null class
-    ``num_classes`` with probability ``p``. Returns ``(cond, mask of dropped rows or None)``."""
-    y = cond.get("y")
+    """Classifier-free-guidance training (Ho & Salimans 2022): drop each row's condition with probability
+    ``p``. Returns ``(cond, mask of dropped rows or None)``.
+
+    One Bernoulli draw per row, ``d_i ~ Bernoulli(p)``, drops *every* condition of that row together (so
+    the model learns ``v(x, t | null)``, the unconditional branch CFG and RAAG evaluate):
+
+    * class labels: ``y_i <- num_classes`` (the null class) where ``d_i``;
+    * a condition tensor ``c`` (any shape ``(B, ...)``): ``c`` is kept as is and ``c_mask_i <- c_mask_i and
+      not d_i`` is added to ``cond`` (``c_mask`` False = null row: the model uses its learned null
+      embedding there, see :class:`fewflow.models.embeddings.Conditioning`).
+
+    The draw is the same whether ``y``, ``c`` or both are passed (``rand(B)`` on ``like``'s device)."""
     if p <= 0.0:
         return cond, None
-    if y is None:
-        raise FewflowError("label_dropout > 0 but no labels y were passed")
-    if num_classes is None:
+    y, c = cond.get("y"), cond.get("c")
+    if y is None and c is None:
+        raise FewflowError("label_dropout > 0 but neither labels y nor a condition c were passed")
+    if y is not None and num_classes is None:
         raise FewflowError("label_dropout > 0 needs num_classes (the null label is y = num_classes)")
-    drop = rand(y.shape[0], like, generator) < p
+    drop = rand((y if y is not None else c).shape[0], like, generator) < p
     out = dict(cond)
-    out["y"] = torch.where(drop.to(y.device), torch.full_like(y, int(num_classes)), y)
+    if y is not None:
+        out["y"] = torch.where(drop.to(y.device), torch.full_like(y, int(num_classes)), y)
+    if c is not None:
+        keep = ~drop.to(c.device)
+        mask = cond.get("c_mask")
+        out["c_mask"] = keep if mask is None else keep & mask.to(c.device).bool()
     return out, drop
 
 

@@ -119,12 +119,13 @@ class FlowTurboRefinerConfig:
     hidden: int = 64
     depth: int = 2
     refine_fraction: float = field(default=0.3, metadata={"help": "share of sampling steps refined"})
+    lr: float = field(default=5e-5, metadata={"help": "refiner learning rate (the authors' code)"})
 
 
 def _build_turbo(cfg: FlowTurboRefinerConfig, ctx: BuildContext) -> list[Stage]:
     loss = FlowTurboRefinerLoss(ctx.need_teacher("flowturbo_refiner"), path=ctx.path, source=ctx.source,
                                 max_dt=cfg.max_dt)
-    return [Stage("flowturbo_refiner", loss)]
+    return [Stage("flowturbo_refiner", loss, lr=cfg.lr)]
 
 
 def _make_refiner(cfg: FlowTurboRefinerConfig, meta: dict) -> Any:
@@ -162,6 +163,7 @@ register(MethodSpec(
     sampler=DefaultSampler("flowturbo", nfe=8),
     sampling=_sampling_turbo,
     make_model=_make_refiner,
-    recipe_fields=("hidden", "depth", "refine_fraction"),
+    recipe_fields=("hidden", "depth", "refine_fraction", "lr"),
+    small_scale={"lr": 1e-3},
     family="refiner",
 ))

@@ -388,7 +388,8 @@ def _sampling_mdt(model: Any, cfg: MDTConfig, **_: Any) -> SamplingPlan:
 MDT_VD = register(MethodSpec(
     name="mdt_vd",
     label="MDT-dist VM+VD",
-    paper="Zhou et al., MDT-dist: Towards Efficient Few-step 3D Flow Distillation (2509.04406)",
+    paper="Zhou et al., Few-step Flow for 3D Generation via Marginal-Data Transport Distillation "
+    "(MDT-dist, 2509.04406)",
     summary="distil the marginal-data transport u(x, s, 1): velocity matching plus velocity distillation",
     config=MDTConfig,
     loss=MDTDistLoss,

@@ -358,6 +358,10 @@ class MeanFlowLoss(SampledTimesObjective):
             both = {k: (torch.cat([c, c]) if torch.is_tensor(c) and c.shape[:1] == y.shape[:1] else c)
                     for k, c in cond.items()}
             both["y"] = torch.cat([y, torch.full_like(y, self.num_classes)])
+            if torch.is_tensor(cond.get("c")):  # the null half drops a condition tensor c too
+                keep = cond.get("c_mask")
+                keep = torch.ones_like(y, dtype=torch.bool) if keep is None else keep.bool()
+                both["c_mask"] = torch.cat([keep, torch.zeros_like(keep)])
             ss = torch.cat([s, s])
             u_c, u_u = inner(torch.cat([x, x]), ss, ss, **both).chunk(2)
         lo, hi = self.interval
@@ -422,7 +426,7 @@ class MeanFlowConfig:
     omega: float | None = field(default=None, metadata={"help": "CFG scale folded into training (null: off)"})
     kappa: float = 0.0
     interval: tuple[float, float] = (0.0, 1.0)
-    tangents: str = field(default="correct", metadata={"help": "correct | end_time (wrong, an ablation)"})
+    tangents: str = field(default="correct", metadata={"help": "correct | end_time | no_time (ablations)"})
     jvp_mode: str = "auto"
     reduction: str = "sum"
     time_pairs: str = field(default="logit_normal", metadata={"help": "logit_normal | uniform (s, t) draws"})

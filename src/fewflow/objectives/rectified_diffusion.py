@@ -256,6 +256,11 @@ def _build_rd(cfg: RectifiedDiffusionConfig, ctx: BuildContext) -> list[Stage]:
 
     teacher = ctx.need_teacher("rectified_diffusion")
     assert ctx.pairs is not None
+    if cfg.prediction != "velocity":  # the pairs integrate the teacher's ODE as a velocity field
+        raise FewflowError(
+            f"prediction={cfg.prediction!r}: fewflow's teacher runs predict velocities; use "
+            "prediction=velocity (epsilon or x1 teachers: RectifiedDiffusionLoss with FirstOrderStep pairs)"
+        )
     loss = RectifiedDiffusionLoss(
         ctx.path, prediction=cfg.prediction, loss=cfg.loss, huber_c=cfg.huber_c, space=cfg.space,
         time_sampler=ctx.time_sampler, **ctx.conditioning(),

@@ -127,6 +127,8 @@ class AffinePath:
         return torch.where(den.abs() < eps, torch.copysign(torch.full_like(den, eps), den), den)
 
     def _prep(self, pred: Tensor, x_t: Tensor, t: Tensor | float):
+        check_finite("prediction", pred)
+        check_finite("x_t", x_t)
         check_same_shape("prediction", pred, "x_t", x_t)
         check_batch("x_t", x_t)
         tb = _check_time_arg(t, x_t)

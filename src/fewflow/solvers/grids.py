@@ -15,16 +15,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError
+from fewflow._validate import FewflowError, check_time
 
 __all__ = [
     "GRIDS", "get_grid", "uniform_grid", "shifted_grid", "edm_grid", "logsnr_grid", "as_grid", "shift_time",
 ]
 
+#: more steps than this in one grid is a typo (a 10**9-step grid alone takes gigabytes)
+MAX_STEPS = 10**7
+
 
 def _check_steps(n: int) -> int:
     if isinstance(n, bool) or int(n) != n or int(n) < 1:
         raise FewflowError(f"number of steps n must be a positive integer, got {n!r}")
+    if int(n) > MAX_STEPS:
+        raise FewflowError(f"{int(n)} steps is absurd (more than {MAX_STEPS}); use a smaller number")
     return int(n)
 
 
@@ -80,6 +85,7 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     """
     if not math.isfinite(float(shift)) or float(shift) <= 0:
         raise FewflowError(f"shift must be a positive number, got {shift}")
+    check_time(t, "t")
     sig = 1.0 - t
     return 1.0 - shift * sig / (1.0 + (shift - 1.0) * sig)
 
@@ -114,8 +120,8 @@ def edm_grid(
     n = _check_steps(n)
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
         raise FewflowError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
-    if rho <= 0:
-        raise FewflowError(f"rho must be positive, got {rho}")
+    if not (rho > 0 and math.isfinite(rho)):
+        raise FewflowError(f"rho must be a finite positive number, got {rho}")
     k = n - 1 if start_at_zero else n
     if k < 1:
         raise FewflowError("edm_grid with start_at_zero=True needs n >= 2 steps")

@@ -105,6 +105,8 @@ def solve(
     """
     check_finite("x0", x0)
     check_batch("x0", x0, min_dim=2)
+    if not x0.is_floating_point() or x0.shape[0] == 0:
+        raise FewflowError(f"x0 must be a non-empty floating-point batch, got {x0.dtype} {tuple(x0.shape)}")
     g = _resolve_grid(grid, steps, t0, t1)
     st, as_velocity = _resolve_stepper(model, stepper)
     kw = dict(cond) if cond else {}

@@ -123,7 +123,7 @@ class BatchSource:
     examples, an iterator (consumed once; its end stops training) or a re-iterable (e.g. a ``DataLoader``,
     restarted at its end). Items of iterators are normalised by :func:`as_batch`. For data sets the batch
     order is restored exactly on resume; an iterator or iterable is restored only if it has
-    ``state_dict()`` / ``load_state_dict()``.
+    ``state_dict()`` / ``load_state_dict()``. A data set's optional condition ``.c`` is batched as ``c=``.
     """
 
     def __init__(self, data: Any, batch_size: int, seed: int, device: torch.device) -> None:
@@ -133,6 +133,7 @@ class BatchSource:
         self._iterator: Iterator | None = None
         self.x: Tensor | None = None
         self.y: Tensor | None = None
+        self.c: Tensor | None = None  # an optional condition tensor (N, ...), batched like y as c=
         if torch.is_tensor(data):
             self.x = data
         elif hasattr(data, "x") and torch.is_tensor(getattr(data, "x", None)):
@@ -145,6 +146,14 @@ class BatchSource:
                         f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}"
                     )
                 self.y = y
+            c = getattr(data, "c", None)
+            if c is not None:
+                if not torch.is_tensor(c) or c.dim() < 1 or c.shape[0] != self.x.shape[0]:
+                    raise FewflowError(
+                        f"dataset condition c must be a tensor with {self.x.shape[0]} rows, got "
+                        f"{tuple(c.shape) if torch.is_tensor(c) else type(c).__name__}"
+                    )
+                self.c = c
         elif isinstance(data, Iterator):
             self._iterator = data
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
@@ -163,6 +172,7 @@ class BatchSource:
                 )
             self.x = self.x.to(device)
             self.y = self.y.to(device) if self.y is not None else None
+            self.c = self.c.to(device) if self.c is not None else None
             self.sampler = EpochSampler(self.x.shape[0], batch_size, seed)
 
     def next(self) -> dict[str, Any] | None:
@@ -172,6 +182,8 @@ class BatchSource:
             batch: dict[str, Any] = {"x1": self.x[idx]}
             if self.y is not None:
                 batch["y"] = self.y[idx]
+            if self.c is not None:
+                batch["c"] = self.c[idx]
             return batch
         try:
             item = next(self._iterator)

@@ -4,7 +4,9 @@ Layout of a run folder::
 
     run_dir/
       config.json              {"run_config": ..., "train_config": ..., "fewflow_version": ...}
-      latest                   the name of the newest complete checkpoint folder (one line)
+      latest                   the name of the newest complete checkpoint folder (one line, exactly
+                               ckpt-<step>: anything else, e.g. ../x or an absolute path, is refused)
+      diverged-<step>/         the Trainer's state when step <step> had a non-finite loss (no checkpoint)
       ckpt-<step>/
         model.safetensors      the trained weights (state_dict keys)
         ema.safetensors        the EMA weights (when EMA is on)
@@ -217,6 +219,30 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _latest_name(latest: Path) -> str:
+    """The checkpoint folder a ``latest`` file names: exactly ``ckpt-<step>``, a folder directly inside the
+    run folder. Anything else (``../x``, an absolute path, a sub-folder, a symlink leading out of the run
+    folder, binary junk) is refused with a :class:`FewflowError`: ``latest`` never points outside its run."""
+    raw = latest.read_bytes()[:256]
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = repr(raw[:40])
+    if not _CKPT_RE.match(name):
+        raise FewflowError(
+            f"{latest} names {name[:80]!r}, which is not a checkpoint folder of this run (expected "
+            "ckpt-<step>); refusing to follow it. Delete the file or write the right folder name into it"
+        )
+    run = latest.parent.resolve()
+    target = (latest.parent / name).resolve()
+    if target.parent != run:
+        raise FewflowError(
+            f"{latest} names {name!r}, which resolves to {target}, outside the run folder {run}; "
+            "refusing to follow it"
+        )
+    return name
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """Resolve a run folder (via ``latest``, else the highest step), a ``ckpt-*`` folder or its meta.json."""
     p = Path(path)
@@ -228,8 +254,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise FewflowError(f"no checkpoint at {p}: not a run folder or a checkpoint folder")
     latest = p / LATEST_FILE
     if latest.is_file():
-        name = latest.read_text().strip()
-        if name and (p / name).is_dir():
+        name = _latest_name(latest)
+        if (p / name).is_dir():
             return p / name
         warnings.warn(
             f"{latest} points to missing checkpoint {name!r}; using the newest folder", stacklevel=2

@@ -11,6 +11,8 @@ from fewflow._validate import FewflowError, unknown_name
 SCHEDULES = ("constant", "cosine", "linear")
 AMP_DTYPES = ("bfloat16", "float16")
 DDP_MODES = ("wrap", "allreduce")
+#: more optimiser steps than this is a typo, not a plan
+MAX_STEPS = 10**9
 
 
 @dataclass
@@ -43,6 +45,9 @@ class TrainConfig:
     keep_last: how many checkpoints to keep (``0``: all).
     progress: a tqdm bar with loss and rate.
     device: ``"auto"`` (``cuda:<local_rank>`` when available, else ``cpu``) or any torch device string.
+    prefetch_workers: threads that draw ``x0`` and solve the OT / Sinkhorn couplings of the next batches
+        while the network trains (see :mod:`fewflow.train.trainer`); ``0``: the objective couples each batch
+        itself. Used only for objectives with such a ``coupling`` and ``result_loss`` on a data set.
     ddp_mode: ``"wrap"`` wraps the model in ``DistributedDataParallel``; ``"allreduce"`` averages gradients
         with one all-reduce per step after backward (works with objectives that call the model several times
         or through ``torch.func``).
@@ -71,6 +76,7 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"
     ddp_mode: str = "wrap"
+    prefetch_workers: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -81,7 +87,13 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise FewflowError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("warmup", "log_every", "eval_every", "sample_every", "ckpt_every", "keep_last", "seed"):
+        if self.steps > MAX_STEPS:
+            raise FewflowError(
+                f"TrainConfig.steps={self.steps} is absurd (more than 10**9 optimiser steps); check the "
+                "number"
+            )
+        for name in ("warmup", "log_every", "eval_every", "sample_every", "ckpt_every", "keep_last", "seed",
+                     "prefetch_workers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise FewflowError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
@@ -127,7 +139,9 @@ class TrainResult:
     ``step``: optimiser steps done; ``last_loss``: the last finite training loss (``nan`` if none);
     ``history``: one dict per logged step (the rows of ``log.csv``, including those of the run being resumed);
     ``stopped_reason``: ``"completed"``, ``"already complete"``, ``"data exhausted ..."`` or
-    ``"non-finite loss ..."``; ``evals``: the rows of ``eval.csv``; ``checkpoint``: the last one written.
+    ``"non-finite loss ..."`` / ``"non-finite gradient norm ..."``; ``evals``: the rows of ``eval.csv``;
+    ``checkpoint``: the last good checkpoint; ``diverged``: the ``diverged-<step>`` folder holding the state
+    of a non-finite stop (``None`` otherwise).
     """
 
     step: int
@@ -136,3 +150,4 @@ class TrainResult:
     stopped_reason: str = "completed"
     evals: list[dict[str, float]] = field(default_factory=list)
     checkpoint: str | None = None
+    diverged: str | None = None

@@ -5,7 +5,9 @@ One step (``k`` = steps done so far)::
 
     batch   = next global batch (data set: a slice of this epoch's permutation)   -> this rank's slice
     out     = objective(model, x1, generator=g_rank, **cond)                      (autocast on CUDA if amp)
-    stop if out.loss (or the gradient norm) is not finite: the weights are still those after step k
+    stop if out.loss (or the gradient norm) is not finite: the weights are still those after step k;
+        they go to ``out_dir/diverged-<k+1>/`` (never to a checkpoint: ``latest`` keeps naming the last
+        good one) with the offending loss and gradient values
     loss.backward(); average gradients over ranks; clip to grad_clip; AdamW step; LR schedule step
     ema <- d ema + (1 - d) model
 
@@ -13,13 +15,29 @@ Every source of randomness (the epoch permutations, the objective's generator ``
 numpy / python RNGs) is seeded from ``config.seed`` and saved in checkpoints, so ``fit(resume=True)`` after a
 kill continues bit-for-bit like an uninterrupted run (same device, same seed).
 
+**Prefetched OT pairs.** When the objective exposes a ``coupling`` that solves an OT problem per batch (exact
+OT, class-conditional OT, Sinkhorn / Schroedinger bridge) and a ``result_loss(model, CouplingResult, ...)``
+(as :class:`~fewflow.objectives.cfm.CFMLoss` does), and the data is a data set or a tensor (batches of
+``x1`` and optional labels ``y``), the trainer draws ``x0`` and solves the couplings of the next batches in
+background threads (:class:`~fewflow.couplings.PrefetchCoupler`, ``config.prefetch_workers`` of them) and
+hands the objective the finished pairs, so the O(B^3) solve leaves the critical path. The pairs come from
+their own random stream (``x0`` from a generator seeded by ``(seed, rank, step at which the stream
+started)``, a random coupling's draws from one seeded by the batch's index in that stream), restarted at
+every checkpoint, so a resumed run is still bit-identical to an uninterrupted one and the pairs do not
+depend on the number of workers. With ``prefetch_workers=0`` the objective draws ``x0`` and couples each
+batch itself from ``g_rank``: the same distribution of pairs but not the same draws (there ``x0`` of step
+k+1 is drawn from one generator after step k's times and label dropout, which a prefetcher cannot
+reproduce without waiting for step k).
+
 Longer than fewflow's ~400-line guide on purpose: the training loop (AMP, EMA, DDP, NaN guard, resume) is
 one state machine.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import logging
 import math
 import random
@@ -33,7 +51,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fewflow._io import atomic_path, clean_stale_temps, json_default
 from fewflow._validate import FewflowError
+from fewflow.couplings import (
+    ClassConditionalOT,
+    Coupling,
+    CouplingResult,
+    ExactOTCoupling,
+    PrefetchCoupler,
+    SinkhornCoupling,
+)
 from fewflow.objectives.base import LossOutput
 from fewflow.train import distributed as ddp
 from fewflow.train.batches import BatchSource, shard
@@ -44,6 +71,7 @@ from fewflow.train.checkpoint import (
     load_state_into,
     restore_rng_state,
     save_checkpoint,
+    unwrap_model,
     write_run_config,
 )
 from fewflow.train.config import TrainConfig, TrainResult
@@ -54,6 +82,20 @@ from fewflow.train.schedules import make_scheduler
 log = logging.getLogger("fewflow.train")
 
 _FORWARDED_ATTRS = ("is_flow_map", "num_classes", "config")
+#: couplings that solve an OT problem per batch: worth computing ahead in background threads
+PREFETCHED_COUPLINGS: tuple[type, ...] = (ExactOTCoupling, ClassConditionalOT, SinkhornCoupling)
+#: ``out_dir/diverged-<step>/``: the state of a run stopped by a non-finite loss (never a checkpoint)
+DIVERGED_PREFIX = "diverged-"
+
+
+def prefetched_coupling(objective: Any) -> Coupling | None:
+    """The coupling the :class:`Trainer` computes ahead for ``objective``: its ``coupling`` attribute when
+    that is one of :data:`PREFETCHED_COUPLINGS` and the objective has ``result_loss`` (the loss on a
+    precomputed :class:`~fewflow.couplings.CouplingResult`); ``None`` otherwise."""
+    coupling = getattr(objective, "coupling", None)
+    if isinstance(coupling, PREFETCHED_COUPLINGS) and callable(getattr(objective, "result_loss", None)):
+        return coupling
+    return None
 
 
 def derive_seed(*parts: int) -> int:
@@ -197,6 +239,15 @@ class Trainer:
             self.batches.y = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(derive_seed(config.seed, 1, self.dist.rank))
+        # prefetched OT pairs (module docstring): data sets only, whose batches are {"x1"[, "y"]}
+        plain = self.batches.sampler is not None and getattr(self.batches, "c", None) is None
+        self._pair_coupling = (
+            prefetched_coupling(objective) if config.prefetch_workers > 0 and plain else None
+        )
+        self._coupler: PrefetchCoupler | None = None
+        self._pair_states: collections.deque[Any] = collections.deque()
+        self._pair_data_state: Any = None
+        self.diverged: Path | None = None
         self.step = 0
         self.last_loss = float("nan")
         self.last_checkpoint: Path | None = None
@@ -239,7 +290,11 @@ class Trainer:
         return {"ranks": ddp.all_gather_object(mine)}
 
     def save(self) -> Path | None:
-        """Checkpoint the current state (collective under DDP; rank 0 writes). Returns its folder."""
+        """Checkpoint the current state (collective under DDP; rank 0 writes). Returns its folder.
+
+        A prefetched pair stream is stopped here (the batches it read ahead go back to the data) and a new
+        one starts at the next step, so a run resumed from this checkpoint draws the same pairs."""
+        self._stop_pairs()
         rng = self._rng_state()  # every rank takes part in the gather
         if self.out_dir is None or not self.is_main:
             self._saved_step = self.step
@@ -271,6 +326,7 @@ class Trainer:
     def load(self, path: str | Path) -> int:
         """Restore model, EMA, optimiser, schedule, RNGs and batch position; returns the step."""
         ckpt = load_checkpoint(path)
+        self._stop_pairs(rewind=False)  # the data position comes from the checkpoint
         load_state_into(self.model, ckpt.model_state(), what=f"model checkpoint {ckpt.path}")
         ema_state = ckpt.ema_state()
         if self._ema is not None:
@@ -331,6 +387,10 @@ class Trainer:
         if self._started:
             return
         self._started = True
+        if self.out_dir is not None and self.is_main:
+            n = clean_stale_temps(self.out_dir)  # temps of a run killed mid-write, before anything reads
+            if n:
+                log.info("removed %d stale temp file(s) of a killed run from %s", n, self.out_dir)
         if resume:
             if self.out_dir is None:
                 raise FewflowError("fit(resume=True) needs an out_dir holding the run to resume")
@@ -356,16 +416,20 @@ class Trainer:
             write_run_config(self.out_dir, self.run_config, self.config)
             self._tb = TensorBoardLog(self.out_dir / "tb")
 
-    def _forward(self, batch: dict[str, Any]) -> Tensor:
-        local = shard(batch, self.dist.rank, self.dist.world_size)
-        x1 = local.pop("x1")
+    def _forward(self, batch: dict[str, Any] | CouplingResult) -> Tensor:
         ctx = (
             torch.autocast(device_type="cuda", dtype=self.amp_dtype)
             if self.amp_enabled
             else contextlib.nullcontext()
         )
-        with ctx:
-            out = self.objective(self.train_model, x1, generator=self.generator, **local)
+        if isinstance(batch, CouplingResult):  # prefetched pairs of this rank's slice
+            with ctx:
+                out = self.objective.result_loss(self.train_model, batch, generator=self.generator)
+        else:
+            local = shard(batch, self.dist.rank, self.dist.world_size)
+            x1 = local.pop("x1")
+            with ctx:
+                out = self.objective(self.train_model, x1, generator=self.generator, **local)
         if torch.is_tensor(out):
             out = LossOutput(out)
         if not hasattr(out, "loss") or not torch.is_tensor(out.loss):
@@ -383,14 +447,23 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
-    def _nonfinite_stop(self, what: str, value: float) -> str:
+    def _nonfinite_stop(self, what: str, value: float, loss: float, grad_norm: float) -> str:
+        """Stop on a non-finite loss / gradient norm: the weights stay those after step ``self.step`` and
+        are written apart (:meth:`save_diverged`), never as a checkpoint, so ``latest`` keeps naming the
+        last good checkpoint. Returns the stop reason (``"non-finite ..."``)."""
         reason = (
             f"non-finite {what} ({value}) at step {self.step + 1}; stopped with the weights after step "
             f"{self.step}"
         )
-        if self.out_dir is not None and self._saved_step != self.step:
-            self.save()
-            reason += f", saved to {self.last_checkpoint}" if self.last_checkpoint is not None else ""
+        if self.out_dir is not None:
+            reason += (
+                f"; the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint is not None
+                else "; no checkpoint was written before"
+            )
+            where = self.save_diverged(what=what, loss=loss, grad_norm=grad_norm) if self.is_main else None
+            if where is not None:
+                reason += f"; the diverged state is in {where}"
         log.error(reason)
         if self.is_main:
             warnings.warn(reason, RuntimeWarning, stacklevel=3)
@@ -463,7 +536,7 @@ class Trainer:
         reason = "completed"
         try:
             while self.step < c.steps:
-                batch = self.batches.next()
+                batch = self._next_batch()
                 if batch is None:
                     reason = f"data exhausted after step {self.step}"
                     break
@@ -483,11 +556,11 @@ class Trainer:
                 loss_v, gn_v = vals.tolist()
                 if not math.isfinite(loss_v) or not all_ok:
                     reason = self._nonfinite_stop(
-                        "loss" if not math.isfinite(loss_v) else "loss on another rank", loss_v
+                        "loss" if not math.isfinite(loss_v) else "loss on another rank", loss_v, loss_v, gn_v
                     )
                     break
                 if not math.isfinite(gn_v) and not self.scaler.is_enabled():
-                    reason = self._nonfinite_stop("gradient norm", gn_v)
+                    reason = self._nonfinite_stop("gradient norm", gn_v, loss_v, gn_v)
                     break
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scaler.step(self.optimizer)
@@ -521,12 +594,113 @@ class Trainer:
                 if self.out_dir is not None and self._saved_step != self.step:
                     self.save()
         finally:
+            self._stop_pairs()
             if pbar is not None:
                 pbar.close()
             if self._tb is not None and self._tb.writer is not None:
                 self._tb.writer.flush()
         ddp.barrier()
         return self._result(reason)
+
+    # ------------------------------------------------------------------------------------------ pairs
+    def _next_batch(self) -> dict[str, Any] | CouplingResult | None:
+        """The next global batch dict, or this rank's prefetched :class:`CouplingResult`; ``None`` at the
+        end of a one-shot iterator."""
+        if self._pair_coupling is None:
+            return self.batches.next()
+        if self._coupler is None:
+            self._coupler = self._start_pairs(self._pair_coupling)
+        try:
+            res = next(self._coupler)
+        except StopIteration:
+            return None
+        self._pair_data_state = self._pair_states.popleft()
+        return res
+
+    def _start_pairs(self, coupling: Coupling) -> PrefetchCoupler:
+        """A pair stream from the current batch position, seeded by ``(seed, rank, step)``."""
+        src, rank, world = self.batches, self.dist.rank, self.dist.world_size
+        states = self._pair_states
+        states.clear()
+        self._pair_data_state = src.state_dict()
+
+        def local_batches() -> Any:  # runs in the producer thread, in batch order
+            while True:
+                batch = src.next()
+                if batch is None:
+                    return
+                states.append(src.state_dict())  # the data position once this batch is consumed
+                local = shard(batch, rank, world)
+                yield local["x1"], local.get("y")
+
+        return PrefetchCoupler(
+            local_batches(),
+            coupling,
+            depth=max(2, self.config.prefetch_workers),
+            source=_SourceOf(getattr(self.objective, "source", None)),
+            seed=derive_seed(self.config.seed, 3, rank, self.step),
+            num_workers=self.config.prefetch_workers,
+        ).start()
+
+    def _stop_pairs(self, rewind: bool = True) -> None:
+        """Stop the pair stream; with ``rewind`` the batches it read ahead go back to the data."""
+        if self._coupler is None:
+            return
+        self._coupler.close()
+        self._coupler = None
+        self._pair_states.clear()
+        if rewind and self._pair_data_state is not None:
+            self.batches.load_state_dict(self._pair_data_state)
+
+    # ------------------------------------------------------------------------------------------ divergence
+    def save_diverged(self, *, what: str, loss: float, grad_norm: float) -> Path | None:
+        """Write the state that produced a non-finite ``what`` to ``out_dir/diverged-<step>/`` (``<step>``:
+        the failed step) for inspection: ``model.safetensors`` (and ``ema.safetensors``) with the weights
+        after the last finished step, ``grads.safetensors`` with the failed step's gradients (NaN included)
+        and ``diverged.json`` with the loss, gradient norm, learning rate, the parameters whose gradients
+        are not finite, the last good checkpoint and the data position. Not a checkpoint: ``latest`` and
+        resuming never see it. Returns the folder (``None`` without an ``out_dir`` or when it cannot be
+        written: the stop itself is never masked)."""
+        if self.out_dir is None:
+            return None
+        from safetensors.torch import save_file
+
+        step = self.step + 1
+        grads = {
+            name: p.grad.detach().to("cpu").contiguous()
+            for name, p in unwrap_model(self.model).named_parameters()
+            if p.grad is not None
+        }
+        bad = [k for k, g in grads.items() if g.is_floating_point() and not bool(torch.isfinite(g).all())]
+        doc = {
+            "step": step,
+            "weights_after_step": self.step,
+            "non_finite": what,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "non_finite_grads": bad,
+            "last_good_checkpoint": self.last_checkpoint.name if self.last_checkpoint is not None else None,
+            "last_finite_loss": self.last_loss,
+            "data": self.batches.state_dict() if self._coupler is None else self._pair_data_state,
+            "diagnostics": self._diagnostics,
+        }
+        files = {"model.safetensors": _cpu_state(self.model), "grads.safetensors": grads}
+        if self._ema is not None:
+            files["ema.safetensors"] = _cpu_state(self._ema.module)
+        folder = self.out_dir / f"{DIVERGED_PREFIX}{step}"
+        try:
+            text = json.dumps(_json_safe(doc), indent=1, default=json_default, allow_nan=False)
+            with atomic_path(folder) as tmp:
+                tmp.mkdir()
+                for fname, tensors in files.items():
+                    save_file(tensors, str(tmp / fname))
+                (tmp / "diverged.json").write_text(text + "\n")
+        except (OSError, TypeError, ValueError) as e:
+            log.error("could not save the diverged state to %s: %s", folder, e)
+            return None
+        self.diverged = folder
+        return folder
 
     def _new_window(self) -> dict[str, Any]:
         return {
@@ -546,4 +720,34 @@ class Trainer:
             stopped_reason=reason,
             evals=list(self.eval_csv.rows),
             checkpoint=str(self.last_checkpoint) if self.last_checkpoint is not None else None,
+            diverged=str(self.diverged) if self.diverged is not None else None,
         )
+
+
+class _SourceOf:
+    """The objective's ``x0`` draw for the pair stream: ``sample_source`` (standard normal noise when the
+    objective has no source; shape-checked and moved to ``x1``'s device and dtype otherwise)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def sample_like(self, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        from fewflow.objectives.common import sample_source
+
+        return sample_source(self.source, x1, generator)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    state = unwrap_model(module).state_dict()
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
