@@ -66,7 +66,10 @@ def test_train_writes_a_run_folder(run_dir):
     doc = json.loads((run_dir / "config.json").read_text())
     rc = doc["run_config"]
     assert rc["data"]["name"] == "checkerboard" and rc["method"]["name"] == "cfm"
-    assert rc["model"] == {"type": "MLP", "hidden": 32, "depth": 2, "dim": 2}
+    # the network's complete config, every default included, so the folder rebuilds it alone
+    assert {k: rc["model"][k] for k in ("type", "hidden", "depth", "dim")} == {
+        "type": "MLP", "hidden": 32, "depth": 2, "dim": 2}
+    assert rc["model"]["time_features"] == "sinusoidal" and rc["model"]["time_scale"] == 1000.0
     assert rc["train"]["steps"] == 40 and rc["meta"]["shape"] == [2]
 
 

@@ -124,3 +124,24 @@ def test_set_reaches_every_method_field(teacher, tmp_path):
     assert cfg["train"]["lr"] == 3e-4
     err = _fails("--data", "moons", "--method", "meanflow", "--set", "method.rati=1", "--out", str(tmp_path))
     assert "did you mean 'ratio'" in err
+
+
+@pytest.mark.parametrize("method", ["consistency", "splitmeanflow"])
+def test_student_starts_as_its_teacher(method, teacher, tmp_path):
+    """A flow-map student copied from a teacher keeps the teacher's time features, so at init
+    u(x, t, t) equals the teacher's v(x, t) exactly."""
+    import torch
+
+    from fewflow.runs import load_run
+
+    out = tmp_path / method
+    r = invoke(["train", "--data", "moons", "--method", method, "--teacher", str(teacher), "--steps", "1",
+                "--out", str(out), *TINY, "--set", "train.lr=1e-12"])
+    assert r.exit_code == 0, r.output + r.stderr
+    t, tcfg = load_run(teacher)
+    s, cfg = load_run(out, which="model")
+    assert cfg.model["time_features"] == tcfg.model["time_features"] == "fourier"
+    assert cfg.model["num_frequencies"] == tcfg.model["num_frequencies"]
+    x, tt = torch.randn(32, 2), torch.rand(32)
+    with torch.no_grad():
+        torch.testing.assert_close(s(x, tt, tt), t(x, tt), atol=1e-6, rtol=0)

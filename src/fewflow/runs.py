@@ -200,9 +200,10 @@ def resolve_model_config(cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]
             m.setdefault("cond_dim", int(math.prod(cs)))
     if get_method(cfg.method_name).flow_map:
         m.setdefault("flow_map", True)
-        if m["type"] == "MLP":
+        if m["type"] == "MLP" and "time_features" not in m:
             # high-frequency time features blow up d u / d t of a flow map: a few low Fourier frequencies
-            m.setdefault("time_features", "fourier")
+            # (a student copied from a teacher keeps the teacher's features, so it starts as the teacher)
+            m["time_features"] = "fourier"
             m.setdefault("num_frequencies", 3)
     return m
 
@@ -426,7 +427,9 @@ def build_context(cfg: RunConfig, data: Any, *, teacher: Any = None, work_dir: P
         path=build_path(cfg),
         source=source,
         coupling=get_coupling(obj.coupling, **obj.coupling_kwargs),
-        time_sampler=get_time_sampler(obj.time_sampler, **obj.time_kwargs),
+        # the default (uniform, no settings) leaves each loss its paper's own time sampler
+        time_sampler=None if (obj.time_sampler == "uniform" and not obj.time_kwargs)
+        else get_time_sampler(obj.time_sampler, **obj.time_kwargs),
         num_classes=int(data.num_classes) if obj.conditional and getattr(data, "num_classes", None) else None,
         label_dropout=float(obj.label_dropout),
         teacher=teacher,
@@ -500,17 +503,28 @@ def train_run(
                 f"teacher {cfg.teacher} was trained on data of shape {tcfg.meta.get('shape')}, "
                 f"this run's data has shape {meta['shape']}"
             )
+        if tcfg.objective.path != cfg.objective.path:
+            raise FewflowError(
+                f"teacher {cfg.teacher} was trained on the {tcfg.objective.path!r} path, this run uses "
+                f"{cfg.objective.path!r} (--path)"
+            )
         if spec.needs.init_from_teacher and spec.needs.model != "custom":
-            # the student has the teacher's architecture (plus the flow-map interval input)
-            cfg.model = {k: v for k, v in tcfg.model.items() if k != "flow_map"}
+            # the student has the teacher's architecture, time features included (plus the flow-map
+            # interval input), so that it starts exactly as the teacher
+            built = getattr(teacher, "config", None)
+            same = isinstance(built, dict) and built.get("type") == tcfg.model.get("type")
+            src = built if same else tcfg.model
+            cfg.model = {k: v for k, v in src.items() if k != "flow_map"}
     torch.manual_seed(tc.seed)  # the network's initial weights depend on the seed, nothing else
     model = build_model(cfg, cfg.meta)
     if teacher is not None and spec.needs.init_from_teacher and spec.needs.model != "custom":
         from fewflow.objectives.mfrae import init_from_teacher
 
         init_from_teacher(model, teacher, zero=("cond.h_embed.mlp.2",) if spec.flow_map else ())
-    if spec.needs.model != "custom":
-        cfg.model = resolve_model_config(cfg, cfg.meta)
+    if spec.needs.model != "custom":  # the run records the network's complete config (every default)
+        full = getattr(model, "config", None)
+        builtin = isinstance(full, dict) and full.get("type") in ("MLP", "UNet", "DiT")
+        cfg.model = dict(full) if builtin else resolve_model_config(cfg, cfg.meta)
     ctx = build_context(
         cfg, data, teacher=teacher, work_dir=out_dir, source=source,
         pairs=_pair_maker(out_dir, source, data, meta["num_classes"] if meta["conditional"] else None,
