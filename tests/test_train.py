@@ -249,7 +249,9 @@ def test_trainer_fits_regression_and_logs(tmp_path, data):
     assert [r["step"] for r in res.history] == [50, 100, 150, 200, 250, 300]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert TrainConfig.from_dict(cfg["train_config"]).steps == 300
-    assert cfg["run_config"] == {"model": {"dim": 2, "hidden": 32}}
+    assert cfg["run_config"]["model"] == {"dim": 2, "hidden": 32}
+    meta = cfg["run_config"]["meta"]  # what sampling needs to know about the data
+    assert meta["shape"] == [2] and meta["conditional"] is False and meta["model_class"].endswith(":TinyMLP")
 
 
 def test_grad_clip_bounds_update(data):
@@ -500,3 +502,85 @@ def test_progress_bar_shows_loss(data, capsys):
     Trainer(TinyMLP(), regression, data, quiet(steps=4, log_every=2, progress=True)).fit()
     err = capsys.readouterr().err
     assert "loss=" in err and "4/4" in err
+
+
+# ---------------------------------------------------------------------------------------- kinds of data
+def _record(seen):
+    def obj(model, x1, *, generator=None, **cond):
+        seen.append((x1, dict(cond)))
+        return regression(model, x1)
+
+    return obj
+
+
+def test_numpy_tuples_dicts_and_torch_datasets_are_data():
+    """numpy arrays (float64 -> float32, integer labels -> int64), (x, y) tuples and dicts of arrays or
+    tensors, map-style torch Datasets (sampled once per epoch) and DataLoaders all train."""
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import Dataset as TorchDataset
+
+    x64 = np.random.default_rng(0).normal(size=(40, 2))  # float64
+    y = (np.arange(40) % 3).astype(np.int32)
+
+    class Points(TorchDataset):  # items: (float64 numpy row, python int)
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return x64[i], int(y[i])
+
+    xt, yt = torch.from_numpy(x64), torch.from_numpy(y)
+    for data, labels in [
+        (x64, False),
+        ((x64, y), True),
+        ({"x": x64, "y": y}, True),
+        ((xt, yt), True),  # float64 tensors take the model's dtype
+        (Points(), True),
+        (TensorDataset(xt.float(), yt.long()), True),
+        (DataLoader(Points(), batch_size=8), True),
+        (iter([x64[:8], x64[8:16]]), False),
+    ]:
+        seen = []
+        Trainer(TinyMLP(), _record(seen), data, quiet(steps=5, batch_size=8)).fit()
+        assert seen, type(data).__name__
+        for x1, cond in seen:
+            assert x1.dtype == torch.float32 and x1.shape[1:] == (2,), type(data).__name__
+            assert ("y" in cond) == labels, type(data).__name__
+            if labels:
+                assert cond["y"].dtype == torch.int64
+                rows = (x1.double()[:, None] - xt[None]).abs().sum(-1).argmin(1)  # the rows drawn
+                assert torch.equal(cond["y"], yt[rows].long()), type(data).__name__  # labels stay aligned
+    seen = []
+    Trainer(TinyMLP(), _record(seen), Points(), quiet(steps=5, batch_size=8)).fit()
+    epoch = torch.cat([x1 for x1, _ in seen]).double()
+    assert torch.allclose(epoch.sort(0).values, xt.sort(0).values, atol=1e-6)  # each item once per epoch
+
+
+def test_bad_kinds_of_data_raise_clear_errors():
+    import numpy as np
+    from torch.utils.data import Dataset as TorchDataset
+
+    x = np.zeros((10, 2))
+
+    class Words(TorchDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return "abc"
+
+    cases = [
+        (np.zeros((10, 2), dtype=np.int64), "floating-point"),
+        ((x, np.linspace(0, 1, 10)), "integer class labels"),
+        ((x, np.zeros(9, dtype=np.int64)), r"shape \(10,\)"),
+        ((x, None, np.zeros((7, 1))), "10 rows"),
+        ({"x": x, "labels": np.zeros(10)}, "needs 'x'"),
+        ((x, x, x, x), "data tuple"),
+        ("points.npy", "data must be"),
+        ({1, 2}, "data must be"),
+        (Words(), "must hold numbers"),
+    ]
+    for data, match in cases:
+        with pytest.raises(FewflowError, match=match):
+            Trainer(TinyMLP(), regression, data, quiet(steps=1)).fit()

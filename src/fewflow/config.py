@@ -33,6 +33,7 @@ from fewflow._validate import FewflowError, closest, numbers_in, parse_value, un
 
 __all__ = [
     "CONFIG_VERSION",
+    "MEMORY_KIND",
     "DataSpec",
     "ObjectiveSpec",
     "RunConfig",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 2
+#: ``data.kind`` of a run trained by ``fewflow.train.Trainer`` on data held in memory: it cannot be reloaded
+MEMORY_KIND = "memory"
 MODEL_TYPES = {"mlp": "MLP", "unet": "UNet", "dit": "DiT"}
 _MAX_CONFIG_BYTES = 1 << 20  # a config file is small: a larger one is a mistake (or a YAML bomb)
 
@@ -123,8 +126,10 @@ class DataSpec:
     an ``.npy`` / ``.npz`` / ``.csv`` file or ``module:function`` (in Python also the function itself).
     Training records what it loaded: ``kind`` (``folder | npy | npz | csv | function``), ``path`` (absolute,
     or ``module:function``) and ``sha256`` (of the file or the folder's images), so that ``fewflow eval``
-    reloads the same data and refuses a file that changed. ``kwargs`` of user data: ``image_size``
-    (folders: centre-crop and resize to S x S) and ``normalize`` (arrays; default true).
+    reloads the same data and refuses a file that changed. ``kind = "memory"``: data that was handed to
+    ``fewflow.train.Trainer`` in memory (a tensor, arrays), which nothing can reload. ``kwargs`` of user
+    data: ``image_size`` (folders: centre-crop and resize to S x S) and ``normalize`` (arrays; default
+    true).
     """
 
     name: str = "checkerboard"
@@ -274,8 +279,8 @@ class RunConfig:
             dat.name = import_path_of(dat.name)
         if not isinstance(dat.name, str) or not dat.name.strip():
             raise FewflowError("data.name must name a data set (it is empty)")
-        if dat.kind is not None and dat.kind not in USER_KINDS:
-            raise unknown_name("data kind", str(dat.kind), USER_KINDS)
+        if dat.kind is not None and dat.kind not in (*USER_KINDS, MEMORY_KIND):
+            raise unknown_name("data kind", str(dat.kind), (*USER_KINDS, MEMORY_KIND))
         if dat.kind is None and dat.name not in DATASETS and not _user_data(dat.name):
             raise FewflowError(f"{unknown_name('data set', str(dat.name), DATASETS)}; {USER_DATA_HINT}")
         for key in ("path", "sha256"):

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from fewflow._validate import FewflowError
-from fewflow.config import RunConfig, model_type
-from fewflow.data import is_import_path
+from fewflow.config import MEMORY_KIND, RunConfig, model_type
+from fewflow.data import is_import_path, user_data_meta
 from fewflow.methods import BuildContext, MethodSpec, get_method
 
 __all__ = [
@@ -43,9 +43,13 @@ __all__ = [
     "read_run_folder",
     "resolve_model_config",
     "resolve_user_model_config",
+    "run_config_for",
     "train_run",
     "user_data_config",
 ]
+
+
+MEMORY_NAME = "in-memory data"  # data.name of a Trainer run on data without a name
 
 
 # --------------------------------------------------------------------------- ingredients
@@ -63,6 +67,13 @@ def build_data(cfg: RunConfig, *, n: int | None = None, seed: int | None = None,
 
     d = cfg.data
     n, seed = (d.n if n is None else n), (d.seed if seed is None else seed)
+    if d.kind == MEMORY_KIND:
+        what = "data" if d.name == MEMORY_NAME else f"data {d.name!r}"
+        raise FewflowError(
+            f"this run was trained by fewflow.train.Trainer on {what} held in memory, which fewflow cannot "
+            "reload (fewflow eval and --resume need the data): train on data from fewflow.data.load_dataset "
+            "and pass run_config=fewflow.runs.run_config_for(model, data) to the Trainer"
+        )
     if d.kind is None and d.name in DATASETS:
         return load_dataset(d.name, n=n, seed=seed, **d.kwargs)
     kw = dict(d.kwargs)
@@ -118,23 +129,8 @@ def data_meta(data: Any, cfg: RunConfig) -> dict[str, Any]:
     }
     if c is not None:
         meta["cond_shape"] = [int(v) for v in c.shape[1:]]
-    meta.update(_user_data_meta(data))
+    meta.update(user_data_meta(data))
     return meta
-
-
-def _user_data_meta(data: Any) -> dict[str, Any]:
-    """For data from the user: ``normalization`` (undone by ``generate``), ``value_range`` in the user's
-    units (the units samples come out in) and the class names of an image folder."""
-    rec = getattr(data, "normalization", None)
-    info = getattr(data, "meta", None) or {}
-    out: dict[str, Any] = {}
-    if rec is not None:
-        out["normalization"] = rec
-        if info.get("raw_range") is not None:
-            out["value_range"] = [float(v) for v in info["raw_range"]]
-    if info.get("classes"):
-        out["class_names"] = list(info["classes"])
-    return out
 
 
 def _meta(cfg: RunConfig) -> dict[str, Any]:
@@ -354,6 +350,8 @@ def read_run_folder(run_dir: str | Path) -> RunConfig:
     if not isinstance(rc, dict) or not rc:
         raise FewflowError(f"{path} holds no fewflow run config (was it written by another tool?)")
     rc = dict(rc)
+    if "data" not in rc:  # written by fewflow.train.Trainer with its default run config
+        rc = _trainer_run_config(rc, path)
     tc = doc.get("train_config")
     if isinstance(tc, dict):
         rc["train"] = {**tc, **(rc.get("train") or {})}
@@ -361,6 +359,126 @@ def read_run_folder(run_dir: str | Path) -> RunConfig:
         return RunConfig.from_dict(rc)
     except FewflowError as e:
         raise FewflowError(f"{path}: {e}") from None
+
+
+def _trainer_run_config(rc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A loadable run config from the default one of :class:`fewflow.train.Trainer` (``{"model": the
+    network's config, "meta": what it recorded about the data}``): method ``cfm`` unless named, in-memory
+    data (``data.kind = "memory"``: sampling works, reloading the data does not), the objective's
+    conditioning from ``meta``. A network that fewflow cannot rebuild is one clear error."""
+    meta = dict(rc.get("meta") or {})
+    model = rc.get("model")
+    who = meta.get("model_class") or "its network"
+    if not isinstance(model, dict) or not model.get("type"):
+        has = "has no config dict" if not isinstance(model, dict) else f"has a config without 'type' {model}"
+        raise FewflowError(
+            f"{path} was written by fewflow.train.Trainer for {who}, which {has}, so fewflow cannot rebuild "
+            "the network: give the network a `config` dict {'type': 'module:Class', **its constructor "
+            "arguments} (fewflow's MLP, UNet and DiT have one), or load the weights in Python with "
+            "fewflow.train.load_model(RUN, build_model=...)"
+        )
+    if not meta.get("shape"):
+        raise FewflowError(
+            f"{path} was written by fewflow.train.Trainer without the shape of the data (meta.shape): pass "
+            "run_config=fewflow.runs.run_config_for(model, data) to the Trainer"
+        )
+    drop = float(meta.get("label_dropout") or 0.0)
+    conditional = bool(meta.get("conditional")) or (meta.get("cond_shape") is not None and drop > 0)
+    return {
+        **rc,
+        "data": {"name": MEMORY_NAME, "kind": MEMORY_KIND},
+        "objective": {"conditional": conditional, "label_dropout": drop if conditional else 0.0,
+                      **(rc.get("objective") or {})},
+        "meta": meta,
+    }
+
+
+def _data_spec(data: Any) -> dict[str, Any]:
+    """The ``data`` section recording a ``fewflow.data.Dataset`` (see :func:`run_config_for`)."""
+    from fewflow.data import DATASETS, IMAGE_SETS
+
+    info = getattr(data, "meta", None) or {}
+    src = info.get("source") or {}
+    name = str(getattr(data, "name", "") or MEMORY_NAME)
+    if src.get("kind"):  # data from the user: reloaded from its path, refused if it changed
+        kw: dict[str, Any] = {}
+        shape = list(data.x.shape[1:])
+        if src["kind"] == "folder" and len(shape) == 3 and shape[1] == shape[2]:
+            kw["image_size"] = int(shape[1])
+        elif src["kind"] != "folder" and getattr(data, "normalization", None) is None:
+            kw["normalize"] = False
+        return {"name": src["path"], "kind": src["kind"], "path": src["path"], "sha256": src.get("sha256"),
+                "kwargs": kw}
+    if name in DATASETS and getattr(data, "normalization", None) is None:
+        kw = {"split": info["split"]} if name in IMAGE_SETS and info.get("split") else {}
+        return {"name": name, "n": len(data.x), "kwargs": kw}
+    return {"name": name, "kind": MEMORY_KIND}
+
+
+def run_config_for(
+    model: nn.Module,
+    data: Any,
+    method: str = "cfm",
+    *,
+    conditional: bool | None = None,
+    label_dropout: float = 0.0,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A complete run config (``RunConfig.to_dict()``) for a network trained in Python with
+    :class:`fewflow.train.Trainer`: ``Trainer(model, loss, data, cfg, out_dir=RUN, run_config=
+    run_config_for(model, data))`` writes a run folder that ``fewflow sample`` and ``fewflow eval`` read.
+
+    ``model``: a fewflow network (its ``config``) or your own ``nn.Module`` with a ``config`` dict
+    ``{"type": "module:Class", **constructor arguments}`` (importable where the run is read). ``data``: a
+    ``fewflow.data.Dataset``: a built-in set is recorded by name (with its default settings), data from the
+    user by its path and sha256 (``fewflow eval`` reloads it and refuses a changed file); other data (a
+    tensor, arrays, a torch Dataset) is recorded as in-memory data, which sampling needs not but
+    ``fewflow eval`` cannot reload. ``method``: the registered method of the loss (its default sampler).
+    ``conditional``: class labels reach the model (default: the model has ``num_classes`` and the data
+    labels); ``label_dropout``: the objective's (a null class / condition for guidance). ``overrides``:
+    dotted keys for :meth:`RunConfig.replace` (e.g. ``{"objective.path": "cosine"}``)."""
+    mc = getattr(model, "config", None)
+    if not isinstance(mc, dict) or not mc.get("type"):
+        cls = type(model)
+        raise FewflowError(
+            f"cannot record network {cls.__module__}:{cls.__qualname__}: fewflow rebuilds a network from "
+            "its `config` dict {'type': 'module:Class', **constructor arguments}, and this one has "
+            f"{'none' if not isinstance(mc, dict) else 'no type'}"
+        )
+    from fewflow.train import BatchSource
+
+    facts = BatchSource(data, 1, 0, torch.device("cpu")).describe()
+    if facts["shape"] is None:
+        raise FewflowError("cannot tell the shape of one sample from an iterator: pass the data set, or let "
+                           "the Trainer record it (run_config=None)")
+    k = getattr(model, "num_classes", None)
+    if conditional is None:
+        conditional = (isinstance(k, int) and k > 0 and facts["labels"]) or label_dropout > 0
+    d = {
+        "data": _data_spec(data) if hasattr(data, "x") else {"name": MEMORY_NAME, "kind": MEMORY_KIND},
+        "model": dict(mc),
+        "method": {"name": method},
+        "objective": {"conditional": bool(conditional), "label_dropout": float(label_dropout)},
+        "seed": int(seed),
+    }
+    cfg = RunConfig.from_dict(d)
+    if overrides:
+        cfg = cfg.replace(overrides)
+    if hasattr(data, "x") and torch.is_tensor(data.x):
+        meta = data_meta(data, cfg)
+    else:
+        if conditional and not facts["labels"] and facts["cond_shape"] is None:
+            raise FewflowError("the data has no labels (nor a condition c) for a conditional model")
+        meta = {"shape": facts["shape"], "num_classes": facts["num_classes"],
+                "conditional": bool(conditional and facts["labels"] and facts["num_classes"]),
+                "value_range": None}
+        if facts["cond_shape"] is not None:
+            meta["cond_shape"] = facts["cond_shape"]
+    if meta["conditional"] and isinstance(k, int) and k > 0:
+        meta["num_classes"] = k
+    cfg.meta = meta
+    return cfg.to_dict()
 
 
 def _one_line(e: BaseException) -> str:

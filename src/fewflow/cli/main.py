@@ -753,7 +753,8 @@ def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
 @click.argument("which", type=click.Choice(["fewstep", "samplers", "overhead"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_cmd(which: str, args: tuple[str, ...]) -> None:
-    """Run a benchmark and write its table under benchmarks/results (or --out).
+    """Run a benchmark and write its tables: with --full into benchmarks/results (the committed tables),
+    otherwise into the user cache folder (or --out).
 
     WHICH is ``fewstep`` (every few-step method vs the teacher at NFE 1-8), ``samplers`` (schedules,
     steppers, FlowTurbo, BOSS, pruning, CFG vs RAAG) or ``overhead`` (the loop and loss against bare

@@ -24,6 +24,7 @@ from fewflow.data.user import (
     USER_KINDS,
     load_user_data,
     looks_like_user_data,
+    user_data_meta,
 )
 
 DEFAULT_TOY_SIZE = 10_000
@@ -117,4 +118,5 @@ __all__ = [
     "load_user_data",
     "looks_like_user_data",
     "parse_import_path",
+    "user_data_meta",
 ]

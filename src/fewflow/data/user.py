@@ -31,7 +31,7 @@ from fewflow.data.normalize import apply_normalization, fit_standardize, pixel_n
 
 __all__ = [
     "USER_DATA_HINT", "USER_DATA_KWARGS", "USER_KINDS", "DataSource", "load_user_data",
-    "looks_like_user_data", "resolve_source",
+    "looks_like_user_data", "resolve_source", "user_data_meta",
 ]
 
 FILE_KINDS = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
@@ -164,3 +164,19 @@ def load_user_data(
         meta["classes"] = list(classes)
     vr = (-1.0, 1.0) if src.kind == "folder" else (float(x.min()), float(x.max()))
     return Dataset(x, y, str(name), k, vr, _describe(str(name), src, x, k, extra), meta, c, rec)
+
+
+def user_data_meta(data: Any) -> dict[str, Any]:
+    """What a run records in its ``meta`` about data from the user: ``normalization`` (undone by
+    ``generate``), ``value_range`` in the user's units (the units samples come out in) and the class names
+    of an image folder; ``{}`` for other data."""
+    rec = getattr(data, "normalization", None)
+    info = getattr(data, "meta", None) or {}
+    out: dict[str, Any] = {}
+    if rec is not None:
+        out["normalization"] = rec
+        if info.get("raw_range") is not None:
+            out["value_range"] = [float(v) for v in info["raw_range"]]
+    if info.get("classes"):
+        out["class_names"] = list(info["classes"])
+    return out

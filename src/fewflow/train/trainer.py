@@ -130,15 +130,23 @@ class Trainer:
     model: an ``nn.Module`` (moved to ``config.device``). ``trainer.model`` is the plain module being trained;
         ``trainer.ema_model`` is its EMA copy (the one to sample from; ``model`` itself when EMA is off).
     objective: ``objective(model, x1, *, generator=None, **cond) -> LossOutput`` (fewflow.objectives).
-    data: a ``fewflow.data.Dataset`` (its labels, if any, are passed as ``y=``), a tensor of examples, or an
-        iterator / iterable of batches (tensors, ``(x1, y)`` tuples or dicts with ``"x1"`` and conditioning
-        keys). Iterator batches are global batches, sliced across DDP ranks like data-set batches.
+    data: a ``fewflow.data.Dataset`` (its labels, if any, are passed as ``y=``, its condition as ``c=``), a
+        tensor or numpy array of examples, a tuple ``(x, y)`` / ``(x, y, c)`` or a dict ``{"x", "y", "c"}``
+        of tensors or numpy arrays, a map-style ``torch.utils.data.Dataset`` (items: a sample, ``(sample,
+        label)`` or ``(sample, label, condition)``), or an iterator / iterable of batches such as a
+        ``DataLoader`` (tensors, ``(x1, y)`` tuples or dicts with ``"x1"`` and conditioning keys). Numpy
+        samples become float32 and floating data takes the model's dtype; anything else is one clear
+        error (:class:`fewflow.train.BatchSource`). Iterator batches are global batches, sliced across DDP
+        ranks like data-set batches.
     config: a :class:`TrainConfig` (or a dict for :meth:`TrainConfig.from_dict`).
     out_dir: run folder for ``config.json``, checkpoints, ``log.csv``, ``eval.csv`` and TensorBoard events
         (``None``: nothing is written).
     run_config: JSON-able description of the run saved in ``config.json`` and every checkpoint; it should hold
         ``"model"`` (the model's ``.config``) for :func:`fewflow.train.load_model`. Default:
-        ``{"model": model.config}`` when the model has a dict ``.config``.
+        ``{"model": model.config, "meta": ...}`` (``"model"`` when the model has a dict ``.config``), where
+        ``meta`` records what sampling needs to know about the data (:meth:`record_data`), so that
+        ``fewflow sample RUN`` reads the folder; ``fewflow.runs.run_config_for(model, data)`` gives a
+        complete run config that ``fewflow eval`` reads too.
     eval_fn: ``eval_fn(trainer, step) -> dict[str, float]`` every ``eval_every`` steps and at the end; rows
         go to ``eval.csv`` (rank 0 only).
     sample_fn: ``sample_fn(trainer, step, out_dir)`` every ``sample_every`` steps and at the end (rank 0),
@@ -181,6 +189,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.objective = objective
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._default_run_config = run_config is None
         if run_config is None:
             mc = getattr(model, "config", None)
             run_config = {"model": dict(mc)} if isinstance(mc, dict) else {}
@@ -232,15 +241,17 @@ class Trainer:
             train_model = torch.compile(train_model)
         self.train_model = train_model
 
-        self.batches = BatchSource(data, config.batch_size, config.seed, self.device)
+        floats = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+        self.batches = BatchSource(data, config.batch_size, config.seed, self.device,
+                                   dtype=floats[0] if floats else None)
         if use_labels is None:
             use_labels = not (hasattr(model, "num_classes") and model.num_classes is None)
         if not use_labels:
-            self.batches.y = None
+            self.batches.drop_labels()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(derive_seed(config.seed, 1, self.dist.rank))
         # prefetched OT pairs (module docstring): data sets only, whose batches are {"x1"[, "y"]}
-        plain = self.batches.sampler is not None and getattr(self.batches, "c", None) is None
+        plain = self.batches.sampler is not None and not self.batches.has_condition
         self._pair_coupling = (
             prefetched_coupling(objective) if config.prefetch_workers > 0 and plain else None
         )
@@ -258,6 +269,8 @@ class Trainer:
         self.eval_csv = CSVLog(self.out_dir / "eval.csv" if main else None)
         self._tb: TensorBoardLog | None = None
         self._diagnostics: dict[str, float] = {}
+        if self._default_run_config:
+            self.run_config["meta"] = self.record_data()
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -276,6 +289,31 @@ class Trainer:
     @property
     def history(self) -> list[dict[str, Any]]:
         return self.log_csv.rows
+
+    def record_data(self) -> dict[str, Any]:
+        """The ``meta`` of the default run config: what sampling needs to know about the data without it:
+        ``shape`` (one sample's), ``num_classes`` (the model's, else the data's) and ``conditional`` (labels
+        reach the model), ``cond_shape`` (data with a condition ``c``), ``label_dropout`` (the objective's),
+        ``value_range`` and, for data from the user, ``normalization`` (undone by ``fewflow sample``);
+        ``model_class`` names the network's class."""
+        from fewflow.data import user_data_meta
+
+        d = self.batches.describe()
+        k = getattr(self.model, "num_classes", None)
+        k = k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else d["num_classes"]
+        meta: dict[str, Any] = {"shape": d["shape"], "num_classes": k, "conditional": bool(d["labels"] and k)}
+        if d["cond_shape"] is not None:
+            meta["cond_shape"] = d["cond_shape"]
+        drop = getattr(self.objective, "label_dropout", None)
+        if isinstance(drop, (int, float)) and not isinstance(drop, bool) and drop > 0:
+            meta["label_dropout"] = float(drop)
+        vr = getattr(self.batches.data, "value_range", None)
+        if isinstance(vr, (tuple, list)) and len(vr) == 2:
+            meta["value_range"] = [float(v) for v in vr]
+        meta.update(user_data_meta(self.batches.data))
+        cls = type(self.model)
+        meta["model_class"] = f"{cls.__module__}:{cls.__qualname__}"
+        return meta
 
     # ------------------------------------------------------------------------------------------ state
     def _seed_globals(self) -> None:
@@ -299,6 +337,8 @@ class Trainer:
         if self.out_dir is None or not self.is_main:
             self._saved_step = self.step
             return None
+        if self._default_run_config and not self.run_config["meta"].get("shape"):
+            self.run_config["meta"] = self.record_data()  # an iterator's sample shape is known by now
         extra = {
             "data": self.batches.state_dict(),
             "ema_updates": self._ema.num_updates if self._ema is not None else 0,
