@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-
-from fewflow.cli.main import cli
+from cli_helpers import assert_one_line_error, invoke
 
 TINY = [
     "--set",
@@ -29,18 +27,8 @@ TINY = [
 ]
 
 
-def invoke(args: list[str]):
-    return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
-def assert_one_line_error(result, *words: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    err = result.stderr.strip()
-    assert err.startswith("error: "), err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in err, (w, err)
 
 
 @pytest.fixture(scope="module")

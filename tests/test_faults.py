@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import invoke
 from safetensors.torch import load_file
 from torch import nn
 
 from fewflow import FewflowError
-from fewflow.cli.main import cli
 from fewflow.objectives.base import LossOutput
 from fewflow.train import TrainConfig, Trainer, load_checkpoint
 
@@ -28,8 +27,6 @@ TINY = [
 ]
 
 
-def invoke(args: list[str]):
-    return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
 def one_line_error(result, code: int, *words: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import invoke
 from click.testing import CliRunner
 
 from fewflow import FewflowError
@@ -24,8 +25,6 @@ REQUIRED = {
 }
 
 
-def invoke(args: list[str]):
-    return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
 def test_methods_json_lists_every_method():

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import assert_one_line_error, invoke
 
 from fewflow import FewflowError
-from fewflow.cli.main import cli
 from fewflow.data import denormalize, load_dataset
 from fewflow.data.normalize import apply_normalization, fit_standardize, pixel_normalization
 
@@ -21,18 +20,8 @@ SMALL = ["--set", "model.hidden=32", "--set", "model.depth=2", "--batch-size", "
          "--set", "train.ckpt_every=0"]
 
 
-def invoke(args: list[str]):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_one_line_error(result, *words: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    err = result.stderr.strip()
-    assert err.startswith("error: "), err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in err, (w, err)
 
 
 def write_images(folder: Path, n: int, size: tuple[int, int] = (8, 8), mode: str = "RGB", base: int = 100,

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-
-from fewflow.cli.main import cli
+from cli_helpers import assert_one_line_error, invoke
 
 SMALL = ["--batch-size", "16", "--no-progress", "--set", "train.ckpt_every=0"]
 
@@ -70,18 +68,8 @@ NOT_A_CLASS = 3
 '''
 
 
-def invoke(args: list[str]):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_one_line_error(result, *words: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    err = result.stderr.strip()
-    assert err.startswith("error: "), err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in err, (w, err)
 
 
 @pytest.fixture
