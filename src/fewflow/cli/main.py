@@ -741,6 +741,9 @@ def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
 
 # --------------------------------------------------------------------------- bench
 
+# every benchmark but ``overhead`` is a module ``fewflow.bench.NAME`` with ``main(argv) -> int``
+BENCHES = ("fewstep", "samplers", "discrete", "inverse")
+
 
 @cli.command(
     "bench",
@@ -750,7 +753,7 @@ def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
         "help_option_names": ["--help"],
     },
 )
-@click.argument("which", type=click.Choice(["fewstep", "samplers", "overhead"]))
+@click.argument("which", type=click.Choice(["overhead", *BENCHES]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_cmd(which: str, args: tuple[str, ...]) -> None:
     """Run a benchmark and write its tables: with --full into benchmarks/results (the committed tables),
@@ -775,10 +778,9 @@ def bench_cmd(which: str, args: tuple[str, ...]) -> None:
         sys.argv = [str(script), *args]
         runpy.run_path(str(script), run_name="__main__")
         return
-    if which == "fewstep":
-        from fewflow.bench.fewstep import main as bench_main
-    else:
-        from fewflow.bench.samplers import main as bench_main
+    import importlib
+
+    bench_main = importlib.import_module(f"fewflow.bench.{which}").main
     code = bench_main(list(args))
     if code:
         raise SystemExit(code)
