@@ -116,7 +116,7 @@ def test_bad_inputs():
         load_dataset("moons", n=10, radius=3)
     with pytest.raises(FewflowError, match="std"):
         load_dataset("8gaussians", n=10, std=-1.0)
-    assert set(TOYS) | {"digits", "mnist"} == set(list_datasets())
+    assert set(TOYS) | {"digits", "mnist", "markov", "motifs", "dna", "proteins"} == set(list_datasets())
 
 
 def test_infinite_batches_epochs_without_replacement(gen):

@@ -354,18 +354,27 @@ class RunConfig:
                 raise unknown_key(str(k), "train", names)
 
 
-def default_config(name: str, method: str = "cfm") -> RunConfig:
-    """Per-data-set defaults.
+def default_config(name: str, method: str | None = None) -> RunConfig:
+    """Per-data-set defaults (``method`` defaults to ``cfm``, ``gsfm`` for sequence data).
 
     * 2-D toys: MLP 4 x 256, unconditional, 4000 steps, batch 512, lr 1e-3, EMA.
     * digits (8 x 8): class-conditional MLP 4 x 512 on the flattened image, label dropout 0.1 (for CFG).
     * mnist: class-conditional UNet, label dropout 0.1.
+    * sequences (markov, motifs, dna, proteins): the sequence method builds its own network; 4000 steps,
+      batch 256, lr 1e-3 (50,000 draws of the synthetic sets).
     """
-    from fewflow.data import DATASETS, TOY_DATASETS
+    from fewflow.data import DATASETS, SEQUENCE_SETS, TOY_DATASETS
 
     if name not in DATASETS:
         raise unknown_name("data set", str(name), DATASETS)
-    if name in TOY_DATASETS:
+    method = method or ("gsfm" if name in SEQUENCE_SETS else "cfm")
+    if name in SEQUENCE_SETS:
+        synthetic = name in ("markov", "motifs")
+        cfg = RunConfig(
+            data=DataSpec(name=name, n=50_000 if synthetic else None),
+            train={"steps": 4000, "batch_size": 256, "lr": 1e-3},
+        )
+    elif name in TOY_DATASETS:
         cfg = RunConfig(
             data=DataSpec(name=name, n=50_000),
             model={"type": "MLP", "hidden": 256, "depth": 4},

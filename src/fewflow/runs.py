@@ -129,6 +129,10 @@ def data_meta(data: Any, cfg: RunConfig) -> dict[str, Any]:
     }
     if c is not None:
         meta["cond_shape"] = [int(v) for v in c.shape[1:]]
+    dmeta = getattr(data, "meta", None) or {}
+    if dmeta.get("kind") == "sequence":  # sampling writes FASTA with the alphabet
+        meta["kind"] = "sequence"
+        meta["alphabet"] = dmeta.get("alphabet")
     meta.update(user_data_meta(data))
     return meta
 
@@ -528,6 +532,13 @@ def _check_needs(spec: MethodSpec, cfg: RunConfig, data: Any) -> None:
         raise FewflowError(f"method {spec.name!r} does not take class labels (use --unconditional)")
     if spec.needs.coupling == "fixed" and cfg.objective.coupling != "independent":
         raise FewflowError(f"method {spec.name!r} fixes its own pairs: --coupling does not apply")
+    is_seq = getattr(data, "meta", {}).get("kind") == "sequence"
+    if spec.needs.data == "sequence" and not is_seq:
+        raise FewflowError(f"method {spec.name!r} trains on sequence data (one-hot (N, L, K)), e.g. --data "
+                           "markov, dna or proteins; got {!r}".format(cfg.data.name))
+    if spec.needs.data != "sequence" and is_seq:
+        raise FewflowError(f"sequence data {cfg.data.name!r} needs a sequence method (gsfm, "
+                           f"simplex_fm); {spec.name!r} trains on continuous data")
     if spec.flow_map and cfg.objective.path != "linear":
         raise FewflowError(f"method {spec.name!r} needs the linear path (--path linear)")
 

@@ -477,7 +477,7 @@ def _deep_update(base: dict, new: dict) -> None:
     "out",
     type=click.Path(dir_okay=False),
     required=True,
-    help="Output file: .npy, .pt, or .png (scatter for 2-D, image grid otherwise).",
+    help="Output file: .npy, .pt, .png (scatter for 2-D, image grid otherwise) or .fasta (sequence runs).",
 )
 @click.option("--grid", "grid", default=None, help="Time grid: uniform | shift | edm | logsnr | boss (BOSS).")
 @click.option("--shift", type=float, default=None, help="Shift factor for --grid shift (default 3).")
@@ -518,6 +518,7 @@ def sample_cmd(
       fewflow sample runs/cond --cond c.npy --n 500 --cfg 2.0 --out s.npy   # c: (500, *cond_shape)
       fewflow sample runs/cb --nfe 4 --grid boss --out boss.png     # cached in the user cache
       fewflow sample runs/cb --nfe 6 --solver flowturbo --out turbo.png
+      fewflow sample runs/dna --n 100 --out seqs.fasta             # a run on sequence data
     """
     import torch
 
@@ -528,8 +529,9 @@ def sample_cmd(
     device = _device(device)
     out_path = Path(out)
     suffix = out_path.suffix.lower()
-    if suffix not in (".npy", ".pt", ".png"):
-        raise click.BadParameter(f"output must end in .npy, .pt or .png, got {out!r}", param_hint="--out")
+    if suffix not in (".npy", ".pt", ".png", ".fasta", ".fa"):
+        raise click.BadParameter(f"output must end in .npy, .pt, .png or .fasta, got {out!r}",
+                                 param_hint="--out")
     if n < 1:
         raise click.BadParameter(f"must be positive, got {n}", param_hint="--n")
     cond = None
@@ -541,6 +543,8 @@ def sample_cmd(
         except (OSError, ValueError, TypeError) as exc:
             raise FewflowError(f"cannot read the condition --cond {cond_file}: {exc}") from None
     model, cfg = load_run(run_dir, which=which, device=device)
+    if suffix in (".fasta", ".fa") and cfg.meta.get("kind") != "sequence":
+        raise click.BadParameter("FASTA output needs a run trained on sequence data", param_hint="--out")
     gkw = dict(cfg.sampler.grid_kwargs)
     if shift is not None:
         gkw["shift"] = shift
@@ -575,6 +579,11 @@ def sample_cmd(
         buf = io.BytesIO()
         torch.save(x, buf)
         atomic_write_bytes(out_path, buf.getvalue())
+    elif suffix in (".fasta", ".fa"):
+        from fewflow.data.sequences import alphabet_for, decode, write_fasta
+
+        seqs = decode(x, alphabet_for(cfg.meta.get("alphabet"), int(cfg.meta["shape"][-1])))
+        write_fasta(out_path, seqs, names=[f"sample_{i}" for i in range(len(seqs))])
     else:
         from fewflow.plotting import plot_samples
 
@@ -674,7 +683,7 @@ def methods_cmd(as_json: bool, show_all: bool) -> None:
 
 
 @cli.command("fetch")
-@click.argument("name", type=click.Choice(["mnist"]))
+@click.argument("name", type=click.Choice(["mnist", "dna", "proteins"]))
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
@@ -689,10 +698,13 @@ def fetch_cmd(name, cache_dir, force) -> None:
     Examples:
       fewflow fetch mnist
       fewflow fetch mnist --cache-dir /data/fewflow
+      fewflow fetch dna        # a bacterial genome (pyrodigal 3.7.1 wheel), 128-bp windows
+      fewflow fetch proteins   # 2,100 proteins (pyhmmer 0.12.3 wheel), 64-aa crops
     """
-    from fewflow.data import fetch_mnist
+    from fewflow.data import fetch_dna, fetch_mnist, fetch_proteins
 
-    path = fetch_mnist(cache_dir=cache_dir, force=force)
+    fetch = {"mnist": fetch_mnist, "dna": fetch_dna, "proteins": fetch_proteins}[name]
+    path = fetch(cache_dir=cache_dir, force=force)
     click.echo(str(path))
 
 

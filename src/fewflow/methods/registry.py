@@ -70,6 +70,8 @@ class Needs:
     coupling: ``"any"`` (the run's coupling is used), or ``"fixed"`` (the method fixes its own pairing).
     ddp_mode: how the trainer averages gradients under torchrun (``"allreduce"`` for losses that call the
         model through ``torch.func``).
+    data: the data the method trains on: ``"continuous"`` (vectors and images, the default) or
+        ``"sequence"`` (one-hot sequences ``(N, L, K)`` of a data set with ``meta["kind"] == "sequence"``).
     """
 
     teacher: str = "none"
@@ -79,6 +81,7 @@ class Needs:
     pairs: bool = False
     coupling: str = "any"
     ddp_mode: str = "wrap"
+    data: str = "continuous"
 
     def describe(self) -> list[str]:
         out = []
@@ -92,6 +95,8 @@ class Needs:
             out.append("teacher pairs")
         if self.init_from_teacher:
             out.append("init from teacher")
+        if self.data != "continuous":
+            out.append(f"{self.data} data")
         return out
 
 
