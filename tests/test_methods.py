@@ -84,7 +84,9 @@ def teacher(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("spec", [s for s in list_methods() if not s.ablation], ids=lambda s: s.name)
 def test_five_step_train_and_sample(spec, teacher, tmp_path):
-    args = ["train", "--data", "moons", "--method", spec.name, "--steps", "5", "--out", str(tmp_path / "r"),
+    seq = spec.needs.data == "sequence"
+    data = ["--data", "markov", "--unconditional"] if seq else ["--data", "moons"]
+    args = ["train", *data, "--method", spec.name, "--steps", "5", "--out", str(tmp_path / "r"),
             *TINY, *SMALL.get(spec.name, [])]
     if spec.needs.teacher != "none":
         args += ["--teacher", str(teacher)]
@@ -95,7 +97,12 @@ def test_five_step_train_and_sample(spec, teacher, tmp_path):
     r = invoke(["sample", str(tmp_path / "r"), "--n", "64", "--out", str(tmp_path / "s.npy")])
     assert r.exit_code == 0, r.output + r.stderr
     x = np.load(tmp_path / "s.npy")
-    assert x.shape == (64, 2) and np.isfinite(x).all()
+    assert x.shape == ((64, 16, 4) if seq else (64, 2)) and np.isfinite(x).all()
+    if seq:  # one-hot points of the simplex, written as FASTA too
+        np.testing.assert_allclose(x.sum(-1), 1.0)
+        r = invoke(["sample", str(tmp_path / "r"), "--n", "8", "--out", str(tmp_path / "s.fasta")])
+        assert r.exit_code == 0, r.output + r.stderr
+        assert (tmp_path / "s.fasta").read_text().count(">") == 8
 
 
 def _fails(*args: str) -> str:
