@@ -38,3 +38,20 @@ def test_the_image_classifier_is_the_data_sets():
     assert _image_set(None, torch.zeros(2, 1, 8, 8)) == "digits"
     with pytest.raises(FewflowError, match="no image metric"):
         _image_set(None, torch.zeros(2, 3, 32, 32))
+
+
+def test_sequence_scores_are_kmer_distances():
+    """One-hot sequences are scored by k-mer Jensen-Shannon distance: 0 for the same set, 1 when the two
+    sets share no letter; diversity is the mean pairwise Hamming fraction."""
+    import torch.nn.functional as F
+
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 2, (200, 12), generator=g)
+    b = torch.randint(2, 4, (200, 12), generator=g)
+    oa, ob = F.one_hot(a, 4).float(), F.one_hot(b, 4).float()
+    same = score(oa, oa, kind="sequence")
+    assert same["kmer_js"] == pytest.approx(0.0, abs=1e-9) and 0.4 < same["diversity"] < 0.6
+    assert score(oa, ob, kind="sequence")["kmer_js"] == pytest.approx(1.0, abs=1e-6)
+    assert primary_metric((12, 4), "sequence") == "kmer_js"
+    assert metric_names((12, 4), kind="sequence") == ["kmer_js", "diversity"]

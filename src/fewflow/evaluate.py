@@ -6,6 +6,9 @@ Used by ``fewflow eval``, the benchmarks and the demo, with one set of metric ke
   Measures"; 512 fixed projections), ``mmd`` (squared MMD with an RBF kernel of median bandwidth,
   Gretton et al., "A Kernel Two-Sample Test") and ``energy`` (Szekely & Rizzo); the kernel metrics use at
   most 2000 points per set (they cost O(n^2) memory);
+* sequences (one-hot ``(L, K)`` samples of a sequence data set): ``kmer_js``, the mean Jensen-Shannon
+  distance of the k-mer spectra (k = 1..6 as far as the data supports; :mod:`fewflow.metrics.sequences`),
+  and ``diversity`` (mean pairwise Hamming distance, a fraction of L);
 * images: ``fd``, the Frechet distance in the features of fewflow's classifier for the data set (8x8
   digits or 28x28 MNIST; never called FID), and ``accuracy``, that classifier's agreement with the
   intended labels of class-conditional samples. Samples are clamped to the data range [-1, 1].
@@ -33,13 +36,18 @@ KERNEL_POINTS = 2000
 IMAGE_METRIC_SETS = ("digits", "mnist")
 
 
-def primary_metric(shape: Sequence[int]) -> str:
-    """The headline metric for data of this shape: ``sliced_w2`` for vectors, ``fd`` for images."""
+def primary_metric(shape: Sequence[int], kind: str | None = None) -> str:
+    """The headline metric for data of this shape: ``sliced_w2`` for vectors, ``fd`` for images,
+    ``kmer_js`` for sequences (``kind="sequence"``)."""
+    if kind == "sequence":
+        return "kmer_js"
     return "sliced_w2" if len(shape) == 1 else "fd"
 
 
-def metric_names(shape: Sequence[int], labelled: bool = False) -> list[str]:
+def metric_names(shape: Sequence[int], labelled: bool = False, kind: str | None = None) -> list[str]:
     """The metric keys :func:`score` returns for data of this shape."""
+    if kind == "sequence":
+        return ["kmer_js", "diversity"]
     if len(shape) == 1:
         return ["sliced_w2", "mmd", "energy"]
     return ["fd", "accuracy"] if labelled else ["fd"]
@@ -58,15 +66,24 @@ def _image_set(dataset: str | None, x: Tensor) -> str:
 
 
 def score(
-    x: Tensor, ref: Tensor, *, dataset: str | None = None, y: Tensor | None = None, seed: int = 0
+    x: Tensor, ref: Tensor, *, dataset: str | None = None, y: Tensor | None = None, seed: int = 0,
+    kind: str | None = None,
 ) -> dict[str, float]:
     """Metrics of samples ``x`` against real ``ref`` (module docstring); non-finite samples score ``inf``
-    (and accuracy 0)."""
+    (and accuracy 0). ``kind="sequence"`` scores one-hot sequences."""
     from fewflow.metrics import classifier_accuracy, energy_distance, fd_features, mmd_rbf, sliced_wasserstein
 
     x = x.detach().to("cpu", torch.float32)
     ref = ref.detach().to("cpu", torch.float32)
     shape = tuple(x.shape[1:])
+    if kind == "sequence":
+        from fewflow.metrics.sequences import diversity, kmer_distance
+
+        if not bool(torch.isfinite(x).all()):
+            return {"kmer_js": math.inf, "diversity": 0.0}
+        tok = x.argmax(-1)
+        return {"kmer_js": float(kmer_distance(tok, ref.argmax(-1), K=shape[-1])["mean"]),
+                "diversity": float(diversity(tok))}
     if not bool(torch.isfinite(x).all()):
         out = {k: math.inf for k in metric_names(shape, y is not None)}
         if "accuracy" in out:
@@ -123,6 +140,7 @@ def evaluate_run(
     from fewflow.solvers import STEPPER_NAMES, steps_for_nfe
 
     shape = list(cfg.meta.get("shape", []))
+    kind = cfg.meta.get("kind")
     is_vec = len(shape) == 1
     n = n if n is not None else (10_000 if is_vec else 2000)
     if not isinstance(n, int) or n < 2:
@@ -135,8 +153,8 @@ def evaluate_run(
         if name not in STEPPER_NAMES:
             raise unknown_name("stepper", str(name), STEPPER_NAMES)
     conditional = bool(cfg.meta.get("conditional"))
-    names = metric_names(shape, conditional)
-    primary = primary_metric(shape)
+    names = metric_names(shape, conditional, kind)
+    primary = primary_metric(shape, kind)
     say = log or (lambda _m: None)
 
     if is_vec:  # a reference set and, for the floor, a second independent one of the same size
@@ -151,7 +169,7 @@ def evaluate_run(
         perm = torch.randperm(real.x.shape[0], generator=torch.Generator().manual_seed(seed))
         ref, ref2 = real.x[perm[:n]], real.x[perm[n : 2 * n]]
         ref2_y = real.y[perm[n : 2 * n]] if (conditional and real.y is not None) else None
-    floor = score(ref2, ref, dataset=cfg.data.name, y=ref2_y, seed=seed)
+    floor = score(ref2, ref, dataset=cfg.data.name, y=ref2_y, seed=seed, kind=kind)
     say(f"two-sample floor ({n} vs {n}): " + ", ".join(f"{k} {v:.4g}" for k, v in floor.items()))
 
     rows: list[dict[str, Any]] = []
@@ -177,7 +195,7 @@ def evaluate_run(
             if samples is not None:
                 samples[(stepper, int(res.nfe))] = x
             row: dict[str, Any] = {"solver": stepper, "nfe": int(res.nfe), "steps": steps}
-            row.update(score(x, ref, dataset=cfg.data.name, y=label, seed=seed))
+            row.update(score(x, ref, dataset=cfg.data.name, y=label, seed=seed, kind=kind))
             row["ratio"] = row[primary] / floor[primary] if floor[primary] > 0 else None
             row["straightness"] = _straightness(res.trajectory, res.times)
             row["wall_time_s"] = wall
