@@ -772,8 +772,10 @@ def bench_cmd(which: str, args: tuple[str, ...]) -> None:
     otherwise into the user cache folder (or --out).
 
     WHICH is ``fewstep`` (every few-step method vs the teacher at NFE 1-8), ``samplers`` (schedules,
-    steppers, FlowTurbo, BOSS, pruning, CFG vs RAAG) or ``overhead`` (the loop and loss against bare
-    PyTorch, prefetched OT-CFM). Further options go to the benchmark; ``fewflow bench fewstep -h`` lists them.
+    steppers, FlowTurbo, BOSS, pruning, CFG vs RAAG), ``discrete`` (sequences on the simplex, transition
+    matching), ``inverse`` (FLAIR, DPS, FlowOpt with a trained prior) or ``overhead`` (the loop and loss
+    against bare PyTorch, prefetched OT-CFM). Further options go to the benchmark; ``fewflow bench
+    fewstep -h`` lists them.
 
     \b
     Examples:
@@ -796,6 +798,14 @@ def bench_cmd(which: str, args: tuple[str, ...]) -> None:
     code = bench_main(list(args))
     if code:
         raise SystemExit(code)
+
+
+# --------------------------------------------------------------------------- restore / edit
+
+from fewflow.cli.restore import COMMANDS as _INVERSE_COMMANDS  # noqa: E402
+
+for _c in _INVERSE_COMMANDS:
+    cli.add_command(_c)
 
 
 def main(argv: list[str] | None = None) -> None:
