@@ -53,8 +53,6 @@ TASKS = ("inpaint", "sr2")
 SOLVERS = ("flair", "flair_no_dta", "flair_no_crw", "flair_no_hdc", "dps", "dps_equal_nfe", "flowopt")
 ETA_MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 SIGMA = 0.05
-# FLAIR's data-term rate per task: the authors use 0.1 for inpainting and 12 for x12 SR, i.e. about 0.1 / (1 /
-# f^2) with A A^T = I / f^2 for f x f average pooling; the same scaling gives 0.4 for x2 SR.
 
 # prior network / training, images, seeds and solver settings per mode
 SIZES: dict[str, dict[str, Any]] = {
