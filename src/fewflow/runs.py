@@ -99,12 +99,19 @@ def check_inputs(cfg: RunConfig) -> Any:
     return data
 
 
-def user_data_config(name: Any, method: str = "cfm") -> RunConfig:
+def user_data_config(name: Any, method: str | None = None) -> RunConfig:
     """Defaults for data from the user (``fewflow train --data PATH``): the 2-D toys' settings (MLP 4 x 256
-    on the flattened sample, 4000 steps, batch 512, lr 1e-3, unconditional), every sample loaded."""
+    on the flattened sample, 4000 steps, batch 512, lr 1e-3, unconditional), every sample loaded; a FASTA
+    file takes the sequence sets' (GSFM, batch 256)."""
     from fewflow.config import DataSpec, default_config
+    from fewflow.data.user import is_fasta_path
 
-    cfg = default_config("checkerboard", method=method)
+    if isinstance(name, str) and is_fasta_path(Path(name)):
+        cfg = default_config("markov", method=method)
+        cfg.data = DataSpec(name=name)
+        cfg.validate()
+        return cfg
+    cfg = default_config("checkerboard", method=method or "cfm")
     cfg.data = DataSpec(name=name)
     cfg.validate()
     return cfg

@@ -1,16 +1,21 @@
-"""Data from the user: a folder of images, an ``.npy`` / ``.npz`` / ``.csv`` file, or ``module:function``.
+"""Data from the user: a folder of images, an ``.npy`` / ``.npz`` / ``.csv`` file, a FASTA file of
+sequences (``.fasta`` / ``.fa`` / ``.fna`` / ``.faa``, optionally gzipped), or ``module:function``.
 
 :func:`load_user_data` reads the source, checks it, normalises it (recorded in ``Dataset.normalization``)
 and records where it came from in ``Dataset.meta["source"] = {"kind", "path", "sha256"}``:
 
-* ``kind``: ``folder | npy | npz | csv | function``; ``path``: the absolute path (or ``module:function``);
+* ``kind``: ``folder | npy | npz | csv | fasta | function``; ``path``: the absolute path (or
+  ``module:function``);
 * ``sha256``: the file's digest (a folder's: over its images, see :mod:`fewflow.data.folder`); ``None``
   for a function. Passing ``sha256=`` back refuses a file that changed since.
 
 Normalisation: images from a folder map pixels ``0..255`` to ``[-1, 1]``; arrays (files and functions)
 are standardised per feature (per column of ``(N, D)``, per channel of ``(N, C, H, W)``) with the mean and
 std of all the samples, unless ``normalize=False``. ``n`` draws a seeded subset after normalising, so the
-statistics do not depend on ``n``.
+statistics do not depend on ``n``. FASTA files become one-hot sequence data sets ``(N, L, K)`` (see
+:func:`fewflow.data.sequences.read_fasta`: ``alphabet`` ``"dna"`` / ``"protein"`` / letters, inferred
+when not given; ``length`` and ``policy`` for records of different lengths; ``unknown="drop"`` to leave
+out records with unknown letters, counted in ``meta["dropped"]``).
 """
 
 from __future__ import annotations
@@ -35,9 +40,17 @@ __all__ = [
 ]
 
 FILE_KINDS = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
-USER_KINDS = ("folder", "npy", "npz", "csv", "function")
-USER_DATA_KWARGS = ("image_size", "normalize", "kind", "sha256")
-USER_DATA_HINT = "or give a folder of images, a .npy / .npz / .csv file, or module:function"
+FASTA_SUFFIXES = (".fasta", ".fa", ".fna", ".faa")
+USER_KINDS = ("folder", "npy", "npz", "csv", "fasta", "function")
+FASTA_KWARGS = ("alphabet", "length", "policy", "unknown")
+USER_DATA_KWARGS = ("image_size", "normalize", "kind", "sha256", *FASTA_KWARGS)
+USER_DATA_HINT = "or give a folder of images, a .npy / .npz / .csv / .fasta file, or module:function"
+
+
+def is_fasta_path(p: Path) -> bool:
+    """Whether a path names a FASTA file (``.fasta`` / ``.fa`` / ``.fna`` / ``.faa``, optionally ``.gz``)."""
+    name = p.name.lower().removesuffix(".gz")
+    return name.endswith(FASTA_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ def looks_like_user_data(text: Any) -> bool:
     ``module:function``, a known file suffix, a path with a separator, or an existing folder."""
     if not isinstance(text, str) or not text.strip():
         return False
-    if is_import_path(text) or Path(text).suffix.lower() in FILE_KINDS:
+    if is_import_path(text) or Path(text).suffix.lower() in FILE_KINDS or is_fasta_path(Path(text)):
         return True
     return "/" in text or os.sep in text or text.startswith((".", "~")) or Path(text).expanduser().is_dir()
 
@@ -72,8 +85,12 @@ def resolve_source(text: str, kind: str | None = None) -> DataSource:
             kind = "folder"
         elif p.suffix.lower() in FILE_KINDS:
             kind = FILE_KINDS[p.suffix.lower()]
+        elif is_fasta_path(p):
+            kind = "fasta"
         elif p.exists():
-            raise FewflowError(f"cannot read {p}: fewflow reads a folder of images, .npy, .npz or .csv files")
+            raise FewflowError(
+                f"cannot read {p}: fewflow reads a folder of images, .npy, .npz, .csv or .fasta files"
+            )
         else:
             raise FewflowError(f"data not found: {p} is not a built-in data set, a folder or a file")
     if kind == "folder" and not p.is_dir():
@@ -123,11 +140,20 @@ def load_user_data(
     sha256: str | None = None,
     image_size: int | None = None,
     normalize: bool = True,
+    **fasta: Any,
 ) -> Dataset:
     """Load user data (module docstring). ``name`` is the ``--data`` value (a path or module:function)."""
+    src = resolve_source(name, kind)
+    given = {k: v for k, v in fasta.items() if v is not None}
+    if src.kind == "fasta":
+        if image_size is not None:
+            raise FewflowError("image_size (--image-size) applies to image folders, not to a FASTA file")
+        return _load_fasta(name, src, n, seed, sha256, **given)
+    if given:
+        raise FewflowError(f"{', '.join(sorted(given))} appl{'ies' if len(given) == 1 else 'y'} to FASTA "
+                           f"files, not to a {src.kind}")
     if not isinstance(normalize, bool):
         raise FewflowError(f"normalize must be true or false, got {normalize!r}")
-    src = resolve_source(name, kind)
     if image_size is not None and src.kind != "folder":
         raise FewflowError(f"image_size (--image-size) applies to image folders, not to a {src.kind}")
     if src.kind == "folder" and not normalize:
@@ -164,6 +190,46 @@ def load_user_data(
         meta["classes"] = list(classes)
     vr = (-1.0, 1.0) if src.kind == "folder" else (float(x.min()), float(x.max()))
     return Dataset(x, y, str(name), k, vr, _describe(str(name), src, x, k, extra), meta, c, rec)
+
+
+def _load_fasta(name: str, src: DataSource, n: int | None, seed: int, sha256: str | None,
+                alphabet: str | None = None, length: int | None = None, policy: str = "error",
+                unknown: str = "error") -> Dataset:
+    """A FASTA file as a one-hot sequence data set; the alphabet is DNA when every letter is one of
+    ``ACGT`` and protein otherwise, unless given."""
+    from fewflow.data.sequences import DNA, PROTEIN, read_fasta, sequence_dataset
+
+    path = Path(src.path)
+    digest = sha256_file(path)
+    if sha256 is not None and digest != sha256:
+        raise FewflowError(
+            f"{src.path} changed since the run was trained (sha256 {digest[:12]}... != recorded "
+            f"{sha256[:12]}...); restore it or train again"
+        )
+    if alphabet is None:
+        try:
+            rec = read_fasta(path, DNA, length=length, policy=policy, unknown="error")
+        except FewflowError as e:
+            if "unknown letter" not in str(e).lower() and "not in the alphabet" not in str(e).lower():
+                raise
+            rec = read_fasta(path, PROTEIN, length=length, policy=policy, unknown=unknown)
+    else:
+        rec = read_fasta(path, alphabet, length=length, policy=policy, unknown=unknown)
+    if not bool(rec.mask.all()):
+        raise FewflowError(f"{name}: padded records cannot train a one-hot model; use policy 'crop' or "
+                           "'window' (or records of one length)")
+    tok = rec.tokens
+    count = int(tok.shape[0])
+    if n is not None:
+        if n > count:
+            raise FewflowError(f"n={n} exceeds the {count} sequences in {name!r}")
+        tok = tok[torch.randperm(count, generator=torch.Generator().manual_seed(int(seed)))[:n]]
+    dropped = {k: int(v) for k, v in rec.dropped.items() if v}
+    note = f" ({', '.join(f'{v} dropped: {k}' for k, v in dropped.items())})" if dropped else ""
+    desc = (f"{name}: {count} sequences of length {tok.shape[1]} over {rec.alphabet.letters!r} from a FASTA "
+            f"file{note}")
+    meta = {"source": {"kind": "fasta", "path": src.path, "sha256": digest}, "dropped": dropped}
+    return sequence_dataset(tok, str(name), rec.alphabet.letters, rec.alphabet.size, desc, meta=meta)
 
 
 def user_data_meta(data: Any) -> dict[str, Any]:
