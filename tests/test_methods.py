@@ -70,6 +70,7 @@ SMALL = {
     "reflow2": ["--set", "method.n_pairs=256", "--set", "method.pair_steps=2"],
     "rectified_diffusion": ["--set", "method.n_pairs=256", "--set", "method.pair_steps=2"],
     "boss_refine": ["--set", "method.n_ref=32", "--set", "method.fine_steps=10"],
+    "symmflow": ["--conditional"],
 }
 
 

@@ -7,6 +7,8 @@ rebuilt from its folder alone. Sections:
 * ``model``: the network's own config dict (``{"type": "MLP", "hidden": 256, "depth": 4}``);
 * ``method``: ``{"name": "meanflow", **fields}``, the registered method and its config dataclass's fields
   (see :mod:`fewflow.methods`); ``teacher``: the run folder of a teacher for methods that distil one;
+  ``latent``: the run folder of a trained ``autoencoder`` whose latents the method trains on (latent flow
+  matching; the data is encoded once, sampling decodes);
 * ``objective``: ingredients shared by the methods -- path schedule, coupling, training time sampler,
   source, class conditioning;
 * ``sampler``: sampling defaults (``None`` fields fall back to the method's default sampler);
@@ -195,6 +197,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"type": "MLP", "hidden": 256, "depth": 4})
     method: dict[str, Any] = field(default_factory=lambda: {"name": "cfm"})
     teacher: str | None = None
+    latent: str | None = None
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     train: dict[str, Any] = field(default_factory=dict)
@@ -242,6 +245,7 @@ class RunConfig:
             kw[name] = copy.deepcopy(dict(val))
         kw["seed"] = d.get("seed", 0)
         kw["teacher"] = d.get("teacher")
+        kw["latent"] = d.get("latent")
         cfg = cls(**kw)
         cfg.validate()
         return cfg
@@ -305,6 +309,8 @@ class RunConfig:
         self.method = spec.config_dict(self.method)  # fills defaults, rejects unknown fields
         if spec.needs.teacher and self.teacher is not None and not isinstance(self.teacher, str):
             raise FewflowError(f"teacher must be a run folder path, got {self.teacher!r}")
+        if self.latent is not None and (not isinstance(self.latent, str) or not self.latent.strip()):
+            raise FewflowError(f"latent must be the run folder of an autoencoder, got {self.latent!r}")
         from fewflow.couplings import COUPLINGS
         from fewflow.objectives.time_samplers import TIME_SAMPLERS
         from fewflow.paths import SCHEDULES

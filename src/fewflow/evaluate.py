@@ -30,7 +30,10 @@ from torch import Tensor
 from fewflow._validate import FewflowError
 from fewflow.config import RunConfig
 
-__all__ = ["KERNEL_POINTS", "evaluate_run", "format_table", "metric_names", "primary_metric", "score"]
+__all__ = [
+    "KERNEL_POINTS", "evaluate_run", "format_table", "metric_names", "primary_metric", "run_diagnostics",
+    "score",
+]
 
 KERNEL_POINTS = 2000
 IMAGE_METRIC_SETS = ("digits", "mnist")
@@ -126,6 +129,7 @@ def evaluate_run(
     log: Callable[[str], None] | None = None,
     samples: dict[tuple[str, int], Tensor] | None = None,
     allow_nonfinite: bool = False,
+    diagnostics: bool = False,
 ) -> dict[str, Any]:
     """Sample ``n`` points at each (stepper, NFE) with :func:`fewflow.sampling.generate` and score them
     against fresh real data. Returns ``{"data", "method", "n", "metrics", "primary", "floor", "results":
@@ -133,7 +137,8 @@ def evaluate_run(
     whose one step costs more than an NFE budget is skipped for it; an unknown stepper name is an error.
     ``samples`` (a dict) receives the samples under ``(solver, nfe)``. Samples with NaN / inf (a diverged
     model) raise a :class:`FewflowError` naming the solver and NFE, unless ``allow_nonfinite`` (then they
-    score ``inf``, see :func:`score`)."""
+    score ``inf``, see :func:`score`). ``diagnostics``: also report ``"diagnostics"``, the conservativity of
+    the learned field and the straightness / curvature of its paths (:func:`field_diagnostics`)."""
     from fewflow._validate import unknown_name
     from fewflow.runs import build_data
     from fewflow.sampling import generate
@@ -204,7 +209,7 @@ def evaluate_run(
             say(f"  {stepper:>9} NFE {res.nfe:>3}: {primary} {row[primary]:.4g}{ratio}, {wall:.2f} s")
     if not rows:
         raise FewflowError(f"no (solver, NFE) pair could run: solvers {steppers}, NFE {list(nfes)}")
-    return {
+    report: dict[str, Any] = {
         "data": cfg.data.name,
         "method": cfg.method_name,
         "n": n,
@@ -213,6 +218,30 @@ def evaluate_run(
         "floor": floor,
         "results": rows,
     }
+    if diagnostics:
+        report["diagnostics"] = run_diagnostics(model, cfg, seed=seed)
+        say("field diagnostics: asymmetry {asymmetry:.4g}, loop circulation {circulation:.4g}".format(
+            **report["diagnostics"]))
+    return report
+
+
+def run_diagnostics(model: Any, cfg: RunConfig, *, n: int = 64, seed: int = 0,
+                    ts: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)) -> dict[str, Any]:
+    """Conservativity of a run's learned field (:func:`fewflow.metrics.diagnostics.field_diagnostics`) on
+    ``n`` points of its ODE paths from the run's own source (class-conditional runs: labels ``i mod K``)."""
+    from fewflow.metrics.diagnostics import field_diagnostics as diagnose
+    from fewflow.sampling import draw_source
+
+    p = next((q for q in model.parameters() if q.is_floating_point()), None) if hasattr(
+        model, "parameters") else None
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None else torch.float32
+    gen = torch.Generator(device=device).manual_seed(seed + 7)
+    x0 = draw_source(cfg, n, device=device, dtype=dtype, generator=gen)
+    cond: dict[str, Any] = {}
+    if cfg.meta.get("conditional"):
+        cond["y"] = torch.arange(n, device=device) % int(cfg.meta["num_classes"])
+    return diagnose(model, cfg, ts=ts, n=n, generator=gen, x0=x0, cond=cond)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -232,4 +261,8 @@ def format_table(report: dict[str, Any]) -> str:
     floor = report["floor"]
     cells = ["two-sample floor", "-", *[floor.get(k) for k in names], 1.0, *[None for _ in extra]]
     lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
+    if report.get("diagnostics"):
+        from fewflow.metrics.diagnostics import format_diagnostics
+
+        lines += ["", format_diagnostics(report["diagnostics"])]
     return "\n".join(lines)

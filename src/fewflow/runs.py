@@ -38,6 +38,9 @@ __all__ = [
     "build_user_model",
     "check_inputs",
     "data_meta",
+    "check_latent",
+    "latent_autoencoder",
+    "latent_data",
     "load_run",
     "load_teacher",
     "read_run_folder",
@@ -93,7 +96,11 @@ def check_inputs(cfg: RunConfig) -> Any:
     that bad input fails at once with one clear error; records what was loaded in ``cfg.data`` (see
     :func:`build_data`). Returns the data set."""
     data = build_data(cfg)
-    meta = data_meta(data, cfg)
+    if cfg.latent:  # the network sees the autoencoder's latents
+        latents, record = latent_data(cfg, data)
+        meta = {**data_meta(latents, cfg), "latent": record}
+    else:
+        meta = data_meta(data, cfg)
     if is_import_path(cfg.model.get("type")):
         build_model(cfg, meta)
     return data
@@ -525,6 +532,103 @@ def load_teacher(path: str | Path, device: str | torch.device | None = None) -> 
     return model.requires_grad_(False), cfg
 
 
+# --------------------------------------------------------------------------- latent space
+
+
+def _weights_file(run_dir: Path) -> Path:
+    from fewflow.train.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(run_dir)
+    ckpt = ckpt if ckpt.is_dir() else ckpt.parent
+    ema = ckpt / "ema.safetensors"
+    return ema if ema.is_file() else ckpt / "model.safetensors"
+
+
+def latent_autoencoder(
+    path: str | Path, device: str | torch.device | None = None, *, sha256: str | None = None
+) -> tuple[nn.Module, RunConfig, str]:
+    """The frozen autoencoder of a latent run: ``(model, its RunConfig, sha256 of its weights file)``.
+
+    ``path`` must be a run of the ``autoencoder`` method (EMA weights, eval mode, no gradients); with
+    ``sha256`` the weights must be the ones a latent run recorded (a retrained autoencoder is refused: its
+    latents mean something else)."""
+    from fewflow._io import sha256_file
+
+    path = Path(path)
+    cfg = read_run_folder(path)
+    if cfg.method_name != "autoencoder":
+        raise FewflowError(f"--latent {path} is a {cfg.method_name!r} run, not an autoencoder run "
+                           "(train one with fewflow train --method autoencoder)")
+    model, cfg = load_run(path, which="ema", device=device)
+    digest = sha256_file(_weights_file(path))
+    if sha256 is not None and digest != sha256:
+        raise FewflowError(f"the autoencoder {path} has changed since this latent run was trained "
+                           f"(weights sha256 {digest[:12]}..., recorded {sha256[:12]}...)")
+    return model.requires_grad_(False), cfg, digest
+
+
+def check_latent(cfg: RunConfig, data: Any = None) -> None:
+    """Fail early, with one clear error, when ``cfg.latent`` is not an autoencoder run trained on samples of
+    the run's data shape (``data``: the loaded data set, else loaded here). Encodes nothing."""
+    if not cfg.latent:
+        return
+    path = Path(cfg.latent).expanduser()
+    ae_cfg = read_run_folder(path)
+    if ae_cfg.method_name != "autoencoder":
+        raise FewflowError(f"--latent {path} is a {ae_cfg.method_name!r} run, not an autoencoder run "
+                           "(train one with fewflow train --method autoencoder)")
+    if cfg.method_name == "autoencoder":
+        raise FewflowError("an autoencoder trains on the data itself: drop --latent")
+    data = build_data(cfg) if data is None else data
+    want, got = list(ae_cfg.meta.get("shape", [])), list(data.x.shape[1:])
+    if want != got:
+        raise FewflowError(f"the autoencoder {cfg.latent} was trained on samples of shape {tuple(want)}, "
+                           f"this run's data {cfg.data.name!r} has shape {tuple(got)}")
+
+
+def latent_data(cfg: RunConfig, data: Any, *, batch_size: int = 500,
+                previous: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(latent data set, meta["latent"] record)`` for latent flow matching.
+
+    Encodes ``data`` once with the frozen autoencoder of ``cfg.latent`` (the posterior mean for a VAE) and
+    multiplies the codes by the scale factor ``s = 1 / std(z)`` (the standard deviation over every entry of
+    the training latents, as Stable Diffusion's ``scaling_factor``; "Flow Matching in Latent Space", Dao et
+    al., arXiv 2307.08698, uses SD's 0.18215), so the flow sees unit-variance latents. The record is
+    ``{"ae_run": absolute path, "ae_sha256", "scale", "shape": latent shape, "data_shape"}``; sampling
+    decodes ``D(z / s)``. Labels, conditions and the value range of the images are kept (``value_range``
+    describes the decoded samples). ``previous`` (a resumed run's record) keeps its scale and checks the
+    autoencoder did not change."""
+    from fewflow.data import Dataset
+
+    ae_path = Path(cfg.latent).expanduser().resolve()
+    cfg.latent = str(ae_path)  # the run folder records where its autoencoder is
+    ae, ae_cfg, digest = latent_autoencoder(
+        ae_path, device="cpu", sha256=(previous or {}).get("ae_sha256"))
+    want, got = list(ae_cfg.meta.get("shape", [])), list(data.x.shape[1:])
+    if want != got:
+        raise FewflowError(f"the autoencoder {cfg.latent} was trained on samples of shape {tuple(want)}, "
+                           f"this run's data {cfg.data.name!r} has shape {tuple(got)}")
+    if getattr(data, "meta", {}).get("kind") == "sequence":
+        raise FewflowError("latent flow matching takes continuous data (images or vectors), not sequences")
+    p = next(iter(ae.parameters()))
+    with torch.no_grad():
+        z = torch.cat([ae.encode_mean(data.x[i : i + batch_size].to(p.device, p.dtype)).float().cpu()
+                       for i in range(0, data.x.shape[0], batch_size)])
+    if previous and previous.get("scale") is not None:
+        scale = float(previous["scale"])
+    else:
+        std = float(z.double().std())
+        if not (math.isfinite(std) and std > 0):
+            raise FewflowError(f"the autoencoder {cfg.latent} maps the data to constant latents (std {std})")
+        scale = 1.0 / std
+    out = Dataset(z * scale, data.y, data.name, data.num_classes, data.value_range,
+                  f"{data.description} (latents of {cfg.latent})".strip(), dict(getattr(data, "meta", {})),
+                  data.c, data.normalization)
+    record = {"ae_run": str(ae_path), "ae_sha256": digest, "scale": scale,
+              "shape": [int(v) for v in z.shape[1:]], "data_shape": got}
+    return out, record
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -622,7 +726,12 @@ def train_run(
     cfg = RunConfig.from_dict(cfg.to_dict())  # a private copy
     spec = get_method(cfg.method_name)
     data = build_data(cfg)
+    latent = None
+    if cfg.latent:  # latent flow matching: train on the frozen autoencoder's scaled latents
+        data, latent = latent_data(cfg, data, previous=cfg.meta.get("latent") if resume else None)
     meta = data_meta(data, cfg)
+    if latent is not None:
+        meta["latent"] = latent
     if resume and cfg.meta and cfg.meta.get("shape") != meta["shape"]:
         raise FewflowError(f"data shape {meta['shape']} differs from the run's {cfg.meta.get('shape')}")
     _check_needs(spec, cfg, data)
@@ -639,6 +748,10 @@ def train_run(
                 f"teacher {cfg.teacher} was trained on data of shape {tcfg.meta.get('shape')}, "
                 f"this run's data has shape {meta['shape']}"
             )
+        t_ae = (tcfg.meta.get("latent") or {}).get("ae_sha256")
+        if t_ae != (cfg.meta.get("latent") or {}).get("ae_sha256"):
+            raise FewflowError(f"teacher {cfg.teacher} and this run must share the latent space (--latent: "
+                               "the same autoencoder run, or none for both)")
         if tcfg.objective.path != cfg.objective.path:
             raise FewflowError(
                 f"teacher {cfg.teacher} was trained on the {tcfg.objective.path!r} path, this run uses "
@@ -702,7 +815,9 @@ def _figures(out_dir: Path, cfg: RunConfig, data: Any) -> None:
     n = 2000 if shape == [2] else 64
     c = getattr(data, "c", None)  # samples for the data's own conditions (cycled to n rows)
     cond = c[torch.arange(n) % c.shape[0]] if c is not None else None
-    res = generate(model, cfg, n, generator=gen, trajectory=shape == [2], cond=cond)
+    # (a latent run's trajectory is in latent space: no trajectory figure over the data)
+    res = generate(model, cfg, n, generator=gen, trajectory=shape == [2] and not cfg.meta.get("latent"),
+                   cond=cond)
     data = _in_user_units(data, n)  # the reference in the units generate returns
     vr = cfg.meta.get("value_range")
     plot_samples(

@@ -28,7 +28,7 @@ from fewflow._validate import FewflowError
 from fewflow.config import RunConfig
 from fewflow.methods import SamplingPlan, get_method
 
-__all__ = ["boss_grid", "draw_source", "generate", "sampling_plan"]
+__all__ = ["boss_grid", "decode_latents", "draw_source", "generate", "sampling_plan"]
 
 
 def _device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
@@ -181,6 +181,7 @@ def generate(
     raag_alpha: float | None = None,
     check_finite: bool = True,
     raw: bool = False,
+    decode: bool = True,
 ) -> Any:
     """Draw ``n`` samples of a trained run (module docstring); returns the solver's ``SolveResult``
     (``.x``, ``.nfe``, ``.times``, ``.trajectory``); non-finite samples raise unless ``check_finite`` is
@@ -188,7 +189,9 @@ def generate(
     has one (``n`` rows, or one row for all; see :func:`_condition`). ``x0`` fixes the source draws
     (evaluation); ``nfe`` / ``stepper`` / ``grid`` default to the run's sampler settings, then the
     method's default. Samples (and the trajectory) of a run on user data come back in the data's own
-    units (``meta.normalization`` undone); ``raw=True`` keeps the model's normalised units."""
+    units (``meta.normalization`` undone); ``raw=True`` keeps the model's normalised units. A latent run
+    (``meta.latent``, trained with ``--latent AE_RUN``) returns decoded samples (:func:`decode_latents`;
+    the trajectory stays in latent space) unless ``decode=False``."""
     from fewflow.solvers import as_grid, get_grid, solve, stepper_for_nfe
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -254,6 +257,10 @@ def generate(
     if check_finite and not bool(torch.isfinite(res.x).all()):
         bad = int((~torch.isfinite(res.x)).any(dim=tuple(range(1, res.x.dim()))).sum())
         raise FewflowError(f"sampling produced non-finite values in {bad} of {n} samples (a diverged model?)")
+    if decode and cfg.meta.get("latent"):
+        import dataclasses
+
+        res = dataclasses.replace(res, x=decode_latents(cfg, res.x))
     # -- user units: undo the normalisation of user data recorded at training (fewflow.data.normalize) --
     if not raw and cfg.meta.get("normalization") is not None:
         import dataclasses
@@ -266,3 +273,29 @@ def generate(
     # -- end user units --
     return res
 
+
+
+_DECODERS: dict[tuple[str, str, str], Any] = {}
+
+
+def decode_latents(cfg: RunConfig, z: Tensor, *, batch_size: int = 1000) -> Tensor:
+    """Images (or vectors) from the latents ``z`` of a latent run: ``D(z / s)`` with the frozen decoder of
+    the autoencoder run and the scale factor ``s`` recorded in ``meta["latent"]`` ("Flow Matching in Latent
+    Space", Dao et al., arXiv 2307.08698). The autoencoder is loaded once per process (on ``z``'s device)
+    and refused if its weights changed since training."""
+    lat = cfg.meta.get("latent")
+    if not lat:
+        raise FewflowError("this run was not trained in a latent space (no meta.latent)")
+    key = (str(lat["ae_run"]), str(lat.get("ae_sha256")), str(z.device))
+    ae = _DECODERS.get(key)
+    if ae is None:
+        from fewflow.runs import latent_autoencoder
+
+        ae = latent_autoencoder(lat["ae_run"], device=z.device, sha256=lat.get("ae_sha256"))[0]
+        _DECODERS.clear()
+        _DECODERS[key] = ae
+    p = next(iter(ae.parameters()))
+    scale = float(lat["scale"])
+    with torch.no_grad():
+        out = [ae.decode(z[i : i + batch_size].to(p.dtype) / scale) for i in range(0, z.shape[0], batch_size)]
+    return torch.cat(out).to(z.dtype)

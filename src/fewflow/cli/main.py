@@ -235,6 +235,11 @@ def cli(debug: bool) -> None:
     "--teacher", default=None, type=click.Path(file_okay=False),
     help="Run folder of a trained velocity model, for methods that distil or refine one.",
 )
+@click.option(
+    "--latent", default=None, type=click.Path(file_okay=False),
+    help="Run folder of a trained autoencoder (--method autoencoder): train on its latents "
+    "(latent flow matching); sampling decodes.",
+)
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
 @click.option(
     "--config",
@@ -278,6 +283,7 @@ def train_cmd(
     image_size,
     method,
     teacher,
+    latent,
     out,
     config_file,
     resume,
@@ -308,6 +314,8 @@ def train_cmd(
       fewflow train --data moons --method meanflow --set method.ratio=0.5 --out runs/mf
       fewflow train --data moons --method reflow --teacher runs/moons-ot --out runs/rf
       fewflow train --data digits --conditional --label-dropout 0.1 --out runs/digits
+      fewflow train --data mnist --method autoencoder --steps 2000 --out runs/ae
+      fewflow train --data mnist --latent runs/ae --method cfm --out runs/lfm
       fewflow train --config my_run.yaml --out runs/x --set train.lr=3e-4
       fewflow train --data photos/ --image-size 32 --model unet --out runs/photos
       fewflow train --data points.csv --model mynets:Net --set model.width=64 --out runs/mine
@@ -331,6 +339,7 @@ def train_cmd(
     flags: dict[str, Any] = {
         "method.name": method,
         "teacher": teacher,
+        "latent": latent,
         "objective.coupling": coupling,
         "objective.path": path_schedule,
         "objective.time_sampler": time_sampler,
@@ -401,6 +410,10 @@ def train_cmd(
         from fewflow.runs import check_inputs
 
         what = check_inputs(cfg).description or what
+    elif cfg.latent and not resume:  # a wrong autoencoder run: one error before training starts
+        from fewflow.runs import check_latent
+
+        check_latent(cfg)
     if main_rank:
         _say(f"training {cfg.method_name} on {what} -> {out_dir}")
     result = train_run(cfg, out_dir, resume=resume)
@@ -619,7 +632,10 @@ def sample_cmd(
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available) | cpu | cuda.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
-def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, threads) -> None:
+@click.option("--diagnostics", "diagnostics", is_flag=True,
+              help="Also measure whether the learned field is a gradient field (Jacobian asymmetry, loop "
+              "circulation) and the curvature of its paths.")
+def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, threads, diagnostics) -> None:
     """Measure sample quality against held-out data at several NFE budgets.
 
     2-D data: sliced-W2, MMD, energy distance; digits / MNIST: Frechet distance in the data set's
@@ -627,11 +643,14 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
     Always: straightness of the sampling paths, wall time, actual NFE, and the two-sample
     floor (the same metric between two independent data draws of the same size).
     Samples with NaN / inf (a diverged model) and unknown --solver names are errors (exit 2).
+    --diagnostics adds whether the learned field is a gradient field: its Jacobian asymmetry
+    ||J - J^T|| / ||J|| and normalised loop circulation at several t (0 for a gradient field).
 
     \b
     Examples:
       fewflow eval runs/cb --nfe 1,2,4,8,100 --json
       fewflow eval runs/cb --nfe 2,4,8 --solver euler,heun --out metrics.json
+      fewflow eval runs/cb --nfe 8 --diagnostics
     """
     from fewflow.evaluate import evaluate_run, format_table
     from fewflow.runs import load_run
@@ -642,7 +661,8 @@ def eval_cmd(run_dir, nfe, solver, grid, n, seed, which, as_json, out, device, t
     solvers = [s.strip() for s in (solver or "").split(",") if s.strip()] or None  # unknown: an error
     model, cfg = load_run(run_dir, which=which, device=device)
     report = evaluate_run(
-        model, cfg, nfes=nfes, steppers=solvers, grid=grid, n=n, seed=seed, progress=not as_json
+        model, cfg, nfes=nfes, steppers=solvers, grid=grid, n=n, seed=seed, progress=not as_json,
+        diagnostics=diagnostics,
     )
     report["run"] = str(run_dir)
     text = json.dumps(report, indent=None if as_json else 2, sort_keys=False)
@@ -754,7 +774,7 @@ def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
 # --------------------------------------------------------------------------- bench
 
 # every benchmark but ``overhead`` is a module ``fewflow.bench.NAME`` with ``main(argv) -> int``
-BENCHES = ("fewstep", "samplers", "discrete", "inverse")
+BENCHES = ("fewstep", "samplers", "discrete", "inverse", "likelihood_latent")
 
 
 @cli.command(
@@ -773,7 +793,8 @@ def bench_cmd(which: str, args: tuple[str, ...]) -> None:
 
     WHICH is ``fewstep`` (every few-step method vs the teacher at NFE 1-8), ``samplers`` (schedules,
     steppers, FlowTurbo, BOSS, pruning, CFG vs RAAG), ``discrete`` (sequences on the simplex, transition
-    matching), ``inverse`` (FLAIR, DPS, FlowOpt with a trained prior) or ``overhead`` (the loop and loss
+    matching), ``inverse`` (FLAIR, DPS, FlowOpt with a trained prior), ``likelihood_latent`` (latent FM,
+    TARFlow, PFGM++, MLE fine-tuning, SymmFlow, field diagnostics) or ``overhead`` (the loop and loss
     against bare PyTorch, prefetched OT-CFM). Further options go to the benchmark; ``fewflow bench
     fewstep -h`` lists them.
 
