@@ -57,7 +57,9 @@ __all__ = [
     "IMAGE_SETS",
     "add_common_args",
     "atomic_write_json",
+    "cached_row",
     "run_datasets",
+    "train_once",
     "write_outputs",
     "budget_steps",
     "count_step",
@@ -553,3 +555,44 @@ def add_common_args(ap: Any, stem: str, datasets: str) -> None:
         f"--full only; otherwise {scratch}, so quick and smoke runs never overwrite the committed results)",
     )
     ap.add_argument("--quiet", action="store_true")
+
+
+def train_once(
+    root: Path, make_config: Callable[[], Any], *, steps: int, batch_size: int, seed: int,
+    lr: float | None = None, say: Callable[[str], None] | None = None, label: str | None = None,
+) -> float:
+    """Train the run ``make_config()`` into ``root`` once through :func:`fewflow.runs.train_run` and
+    return its training seconds. A ``DONE`` file (holding the seconds) marks a finished run, so a rerun
+    trains nothing; a run killed half-way resumes from its last checkpoint. The trainer settings the
+    benchmarks share (no progress bar, no log lines, four checkpoints) are applied here."""
+    from fewflow.runs import train_run
+
+    done = root / "DONE"
+    if not done.exists():
+        rc = make_config()
+        rc.seed = seed
+        rc.train = {**rc.train, "steps": steps, "batch_size": batch_size, "progress": False, "log_every": 0,
+                    "ckpt_every": max(steps // 4, 50), "seed": seed, **({"lr": lr} if lr is not None else {})}
+        rc.validate()
+        t0 = time.perf_counter()
+        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
+        secs = time.perf_counter() - t0
+        from fewflow._io import atomic_write_text
+
+        atomic_write_text(done, f"{secs:.2f}\n")
+        if say is not None:
+            say(f"  trained {label or root.name} ({steps} steps, {secs:.0f} s)")
+    text = done.read_text().strip()
+    return float(text) if text else math.nan
+
+
+def cached_row(folder: Path, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``folder/key.json`` if a run wrote it before, else ``compute()`` written there atomically: a result
+    row survives a killed benchmark and a rerun reports it without recomputing."""
+    path = folder / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    row = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, row)
+    return row

@@ -24,7 +24,6 @@ format of every fewflow benchmark.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from torch import Tensor
 
 from fewflow._io import atomic_write_json, atomic_write_text
 from fewflow._validate import FewflowError
-from fewflow.bench.common import RESULTS, add_common_args, format_table
+from fewflow.bench.common import RESULTS, add_common_args, cached_row, format_table, train_once
 
 __all__ = ["DiscreteConfig", "SIZES", "main", "run"]
 
@@ -85,11 +84,9 @@ def _trained(cfg: DiscreteConfig, tag: str, data: str, method: str, *, steps: in
              n: int | None = None, conditional: bool | None = None) -> tuple[Any, Any]:
     """Train (or resume, or load) the run ``tag`` in the cache; returns ``(ema model, RunConfig)``."""
     from fewflow.config import default_config
-    from fewflow.runs import load_run, train_run
+    from fewflow.runs import load_run
 
-    root = _cache(cfg) / tag
-    done = root / "DONE"
-    if not done.exists():
+    def make() -> Any:
         rc = default_config(data, method)
         rc.method = {"name": method, **(method_kwargs or {})}
         if data_kwargs:
@@ -101,14 +98,11 @@ def _trained(cfg: DiscreteConfig, tag: str, data: str, method: str, *, steps: in
         if conditional is not None:
             rc.objective.conditional = conditional
             rc.objective.label_dropout = 0.1 if conditional else 0.0
-        rc.seed = cfg.seed
-        rc.train = {**rc.train, "steps": steps, "batch_size": cfg.size("batch"), "progress": False,
-                    "log_every": 0, "ckpt_every": max(steps // 4, 50), "seed": cfg.seed}
-        rc.validate()
-        t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
-        atomic_write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        _say(cfg, f"  trained {tag} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return rc
+
+    root = _cache(cfg) / tag
+    train_once(root, make, steps=steps, batch_size=cfg.size("batch"), seed=cfg.seed,
+               say=(lambda m: _say(cfg, m)), label=tag)
     return load_run(root)
 
 
@@ -119,13 +113,7 @@ def _cache(cfg: DiscreteConfig) -> Path:
 
 def _cached_row(cfg: DiscreteConfig, key: str, compute: Any) -> dict[str, Any]:
     """A result row cached as JSON, so a rerun reports without recomputing."""
-    path = _cache(cfg) / "rows" / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    row = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, row)
-    return row
+    return cached_row(_cache(cfg) / "rows", key, compute)
 
 
 # ------------------------------------------------------------------------ part 1: GSFM vs linear simplex FM

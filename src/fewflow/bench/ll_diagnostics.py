@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from fewflow._io import atomic_write_json, atomic_write_text
+from fewflow._io import atomic_write_json
 from fewflow._validate import FewflowError
-from fewflow.bench.common import format_table
+from fewflow.bench.common import format_table, train_once
 
 __all__ = ["SIZES", "part"]
 
@@ -68,12 +68,12 @@ def _say(verbose: bool, msg: str) -> None:
 def _trained(cache: Path, mode: str, data: str, kind: str, seed: int, verbose: bool) -> tuple[Any, Any]:
     """Train (or resume, or load) the ``kind`` network on ``data``; returns ``(ema model, RunConfig)``."""
     from fewflow.config import default_config
-    from fewflow.runs import load_run, train_run
+    from fewflow.runs import load_run
 
     size = SIZES[mode]
     root = cache / "runs" / f"{mode}-{data}-{kind}-s{seed}"
-    done = root / "DONE"
-    if not done.exists():
+
+    def make() -> Any:
         rc = default_config(data, "cfm")
         rc.model = {"type": "MLP" if kind == "mlp" else CONSERVATIVE, "hidden": size["hidden"],
                     "depth": size["depth"]}
@@ -81,15 +81,10 @@ def _trained(cache: Path, mode: str, data: str, kind: str, seed: int, verbose: b
         rc.objective.label_dropout = 0.0
         if data == "8gaussians":
             rc.data.n = 20_000
-        rc.seed = seed
-        steps = int(size["steps"])
-        rc.train = {**rc.train, "steps": steps, "batch_size": size["batch"], "progress": False,
-                    "log_every": 0, "ckpt_every": max(steps // 4, 50), "seed": seed}
-        rc.validate()
-        t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
-        atomic_write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        _say(verbose, f"  trained {data}/{kind} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return rc
+
+    train_once(root, make, steps=int(size["steps"]), batch_size=size["batch"], seed=seed,
+               say=(lambda m: _say(verbose, m)), label=f"{data}/{kind}")
     return load_run(root)
 
 

@@ -23,15 +23,14 @@ no better than the reconstructions'). Result rows are cached as JSON.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fewflow._io import atomic_write_json, atomic_write_text
+from fewflow._io import atomic_write_json
 from fewflow._validate import FewflowError
-from fewflow.bench.common import format_table
+from fewflow.bench.common import format_table, train_once
 
 __all__ = ["SIZES", "part"]
 
@@ -59,10 +58,9 @@ def _trained(root: Path, method: str, size: dict[str, Any], seed: int, verbose: 
              steps: int, latent: Path | None = None) -> tuple[Any, Any, float]:
     """Train (or resume, or load) a run under ``root``; returns ``(ema model, RunConfig, train seconds)``."""
     from fewflow.config import default_config
-    from fewflow.runs import load_run, train_run
+    from fewflow.runs import load_run
 
-    done = root / "DONE"
-    if not done.exists():
+    def make() -> Any:
         rc = default_config(size["dataset"], method)
         rc.objective.conditional, rc.objective.label_dropout = False, 0.0
         if method == "autoencoder":
@@ -70,16 +68,12 @@ def _trained(root: Path, method: str, size: dict[str, Any], seed: int, verbose: 
         else:
             rc.model = {"type": "MLP", "hidden": size["hidden"], "depth": size["depth"]}
             rc.latent = str(latent) if latent is not None else None
-        rc.seed = seed
-        rc.train = {**rc.train, "steps": steps, "batch_size": size["batch"], "progress": False,
-                    "log_every": 0, "ckpt_every": max(steps // 4, 50), "seed": seed}
-        rc.validate()
-        t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
-        atomic_write_text(done, f"{time.perf_counter() - t0:.2f}\n")
-        _say(verbose, f"  trained {root.name} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return rc
+
+    secs = train_once(root, make, steps=steps, batch_size=size["batch"], seed=seed,
+                      say=(lambda m: _say(verbose, m)))
     model, rc = load_run(root)
-    return model, rc, float(done.read_text().strip() or "nan")
+    return model, rc, secs
 
 
 def _rows(mode: str, cache: Path, seed: int, verbose: bool) -> list[dict[str, Any]]:

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewflow._io import atomic_write_json, atomic_write_text
-from fewflow.bench.common import format_table
+from fewflow._io import atomic_write_json
+from fewflow.bench.common import format_table, train_once
 
 __all__ = ["circle_task", "make_task", "part", "policy_task", "sample_given"]
 
@@ -103,23 +103,18 @@ def _trained(root: Path, task: str, method: str, size: dict[str, Any], seed: int
              teacher: Path | None = None, method_kwargs: dict[str, Any] | None = None,
              verbose: bool = True) -> Path:
     """Train (or resume, or reuse) the run ``root`` through ``fewflow.runs.train_run``."""
-    from fewflow.runs import train_run, user_data_config
+    from fewflow.runs import user_data_config
 
-    done = root / "DONE"
-    if not done.exists():
+    def make() -> Any:
         rc = user_data_config(f"{MODULE}:{task}_task", method)
         rc.method = {"name": method, **(method_kwargs or {})}
         rc.data.kwargs = {"normalize": False}
         rc.model = {"type": "MLP", "hidden": size["hidden"], "depth": size["depth"]}
         rc.teacher = str(teacher) if teacher is not None else None
-        rc.seed = seed
-        rc.train = {**rc.train, "steps": steps, "batch_size": size["batch"], "progress": False,
-                    "log_every": 0, "ckpt_every": max(steps // 4, 50), "seed": seed}
-        rc.validate()
-        t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
-        atomic_write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        _say(verbose, f"  trained {task}/{root.name} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return rc
+
+    train_once(root, make, steps=steps, batch_size=size["batch"], seed=seed,
+               say=(lambda m: _say(verbose, m)), label=f"{task}/{root.name}")
     return root
 
 

@@ -19,7 +19,6 @@ alignment r = sigma sqrt(D)). Rows are cached as JSON under ``cache``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -27,9 +26,8 @@ from typing import Any
 
 import torch
 
-from fewflow._io import atomic_write_json, atomic_write_text
 from fewflow._validate import FewflowError
-from fewflow.bench.common import format_table
+from fewflow.bench.common import cached_row, format_table, train_once
 
 __all__ = ["SIZES", "part"]
 
@@ -60,35 +58,20 @@ def _dname(D: float) -> str:
 def _trained(cache: Path, D: float, s: dict[str, Any], seed: int, verbose: bool) -> tuple[Any, Any]:
     """Train (or resume, or load) the run of ``D``; returns ``(ema model, RunConfig)``."""
     from fewflow.config import default_config
-    from fewflow.runs import load_run, train_run
+    from fewflow.runs import load_run
 
-    root = cache / f"D{_dname(D)}"
-    done = root / "DONE"
-    if not done.exists():
+    def make() -> Any:
         rc = default_config("digits", "pfgmpp")
         rc.method = {"name": "pfgmpp", "D": "inf" if math.isinf(D) else float(D), "backbone": "mlp",
                      "hidden": s["hidden"], "depth": s["depth"]}
         rc.objective.conditional = False
         rc.objective.label_dropout = 0.0
-        rc.seed = seed
-        rc.train = {**rc.train, "steps": s["steps"], "batch_size": s["batch"], "lr": 1e-3, "progress": False,
-                    "log_every": 0, "ckpt_every": max(s["steps"] // 4, 50), "seed": seed}
-        rc.validate()
-        t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
-        atomic_write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        _say(verbose, f"  trained D={_dname(D)} ({s['steps']} steps, {time.perf_counter() - t0:.0f} s)")
+        return rc
+
+    root = cache / f"D{_dname(D)}"
+    train_once(root, make, steps=s["steps"], batch_size=s["batch"], seed=seed, lr=1e-3,
+               say=(lambda m: _say(verbose, m)), label=f"D={_dname(D)}")
     return load_run(root)
-
-
-def _cached_row(cache: Path, key: str, compute: Any) -> dict[str, Any]:
-    path = cache / "rows" / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    row = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, row)
-    return row
 
 
 def _fd(model: Any, rc: Any, z: torch.Tensor, ref: torch.Tensor, nfe: int, alpha: float, seed: int) -> float:
@@ -159,7 +142,7 @@ def part(mode: str, cache: Path, seed: int = 0, verbose: bool = True) -> dict[st
     rows = []
     for D in s["Ds"]:
         t0 = time.perf_counter()
-        row = _cached_row(cache, f"D{_dname(D)}", lambda D=D: _row(D, s, cache, seed, verbose))
+        row = cached_row(cache / "rows", f"D{_dname(D)}", lambda D=D: _row(D, s, cache, seed, verbose))
         rows.append(row)
         _say(verbose, f"  D={row['D']}: FD by NFE {row['fd_nfe']}, by alpha {row['fd_alpha']} "
                       f"({time.perf_counter() - t0:.0f} s)")

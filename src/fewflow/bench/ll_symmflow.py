@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from fewflow._io import atomic_write_json, atomic_write_text
-from fewflow.bench.common import format_table
+from fewflow._io import atomic_write_json
+from fewflow.bench.common import format_table, train_once
 
 __all__ = ["SIZES", "part"]
 
@@ -47,10 +47,9 @@ def _say(verbose: bool, msg: str) -> None:
 def _trained(root: Path, data: str, method: str, size: dict[str, Any], seed: int, verbose: bool) -> Any:
     """Train (or resume, or load) one run in ``root``; returns ``(ema model, RunConfig)``."""
     from fewflow.config import default_config
-    from fewflow.runs import load_run, train_run
+    from fewflow.runs import load_run
 
-    done = root / "DONE"
-    if not done.exists():
+    def make() -> Any:
         rc = default_config(data, method)
         if method == "symmflow":
             rc.method = {"name": method, "base": size["base"]}
@@ -58,15 +57,10 @@ def _trained(root: Path, data: str, method: str, size: dict[str, Any], seed: int
             rc.method = {"name": method}
             rc.model = {"type": "UNet", "base": size["base"], "mults": [1, 2]}
         rc.objective.conditional = True
-        rc.seed = seed
-        steps = size["steps"]
-        rc.train = {**rc.train, "steps": steps, "batch_size": size["batch"], "progress": False,
-                    "log_every": 0, "ckpt_every": max(steps // 4, 50), "seed": seed}
-        rc.validate()
-        t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
-        atomic_write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        _say(verbose, f"  trained {data}/{method} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return rc
+
+    train_once(root, make, steps=size["steps"], batch_size=size["batch"], seed=seed,
+               say=(lambda m: _say(verbose, m)), label=f"{data}/{method}")
     return load_run(root)
 
 

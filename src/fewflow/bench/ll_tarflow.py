@@ -20,7 +20,6 @@ Rows are cached as JSON under ``cache``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -28,9 +27,8 @@ from typing import Any
 
 import torch
 
-from fewflow._io import atomic_write_json, atomic_write_text
 from fewflow._validate import FewflowError
-from fewflow.bench.common import format_table
+from fewflow.bench.common import cached_row, format_table, train_once
 
 __all__ = ["SIZES", "part"]
 
@@ -64,34 +62,18 @@ def _trained(cache: Path, tag: str, data: str, method_kw: dict[str, Any], *, ste
              seed: int, verbose: bool) -> tuple[Any, Any]:
     """Train (or resume, or load) the run ``tag``; returns ``(ema model, RunConfig)``."""
     from fewflow.config import default_config
-    from fewflow.runs import load_run, train_run
+    from fewflow.runs import load_run
 
-    root = cache / tag
-    done = root / "DONE"
-    if not done.exists():
+    def make() -> Any:
         rc = default_config(data, "tarflow")
         rc.method = {"name": "tarflow", **method_kw}
         rc.objective.conditional = True
         rc.objective.label_dropout = 0.1
-        rc.seed = seed
-        rc.train = {**rc.train, "steps": steps, "batch_size": batch, "lr": 2e-3, "progress": False,
-                    "log_every": 0, "ckpt_every": max(steps // 4, 50), "seed": seed}
-        rc.validate()
-        t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
-        atomic_write_text(done, f"{time.perf_counter() - t0:.1f}\n")
-        _say(verbose, f"  trained {tag} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
-    return load_run(root)
+        return rc
 
-
-def _cached_row(cache: Path, key: str, compute: Any) -> dict[str, Any]:
-    path = cache / "rows" / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    row = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, row)
-    return row
+    train_once(cache / tag, make, steps=steps, batch_size=batch, seed=seed, lr=2e-3,
+               say=(lambda m: _say(verbose, m)), label=tag)
+    return load_run(cache / tag)
 
 
 def _gauss_bpd(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bin_width: float) -> float:
@@ -282,7 +264,8 @@ def part(mode: str, cache: Path, seed: int = 0, verbose: bool = True) -> dict[st
                 _say(verbose, f"  skipping MNIST: {e}")
                 continue
         t0 = time.perf_counter()
-        row = _cached_row(cache, f"{data}-s{seed}", lambda data=data: _row(data, s, cache, seed, verbose))
+        row = cached_row(cache / "rows", f"{data}-s{seed}",
+                         lambda data=data: _row(data, s, cache, seed, verbose))
         rows.append(row)
         _say(verbose, f"  {data}: {row['bpd']:.3f} bits/dim, Bayes acc {row['bayes_acc']:.3f}, Jacobi "
                       f"{row['jacobi_evals']}/{row['seq_evals']} evals, FD {row['fd_raw']:.3g} -> "
@@ -290,7 +273,7 @@ def part(mode: str, cache: Path, seed: int = 0, verbose: bool = True) -> dict[st
     video = None
     if s.get("clips"):
         t0 = time.perf_counter()
-        video = _cached_row(cache, f"clips-s{seed}", lambda: _video_row(s, cache, seed, verbose))
+        video = cached_row(cache / "rows", f"clips-s{seed}", lambda: _video_row(s, cache, seed, verbose))
         _say(verbose, f"  clips: {video['bpd']:.3f} bits/dim (per-pixel Gaussian "
                       f"{video['bpd_diag_gauss']:.3f}), "
                       f"Jacobi {video['jacobi_evals']} / frame-by-frame {video['frame_jacobi_evals']} / "
