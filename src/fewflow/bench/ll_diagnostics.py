@@ -49,7 +49,7 @@ SIZES: dict[str, dict[str, Any]] = {
               "n_diag": 16},
     "quick": {"sets": ("8gaussians", "digits"), "steps": 600, "hidden": 64, "depth": 2, "batch": 256,
               "n_eval": 1000, "n_diag": 32},
-    "full": {"sets": ("8gaussians", "digits"), "steps": 3000, "hidden": 128, "depth": 3, "batch": 256,
+    "full": {"sets": ("8gaussians", "digits"), "steps": 2000, "hidden": 128, "depth": 3, "batch": 256,
              "n_eval": 2000, "n_diag": 64},
 }
 

@@ -47,7 +47,7 @@ SIZES: dict[str, dict[str, Any]] = {
               "batch": 128},
     "quick": {"hidden": 128, "depth": 3, "teacher_steps": 1200, "ft_steps": 200, "n_eval": 2000,
               "batch": 256},
-    "full": {"hidden": 256, "depth": 4, "teacher_steps": 6000, "ft_steps": 1500, "n_eval": 5000,
+    "full": {"hidden": 256, "depth": 4, "teacher_steps": 3000, "ft_steps": 800, "n_eval": 3000,
              "batch": 512},
 }
 N_TRAIN = 20_000
