@@ -575,7 +575,11 @@ def train_once(
                     "ckpt_every": max(steps // 4, 50), "seed": seed, **({"lr": lr} if lr is not None else {})}
         rc.validate()
         t0 = time.perf_counter()
-        train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
+        try:
+            train_run(rc, root, resume=(root / "config.json").exists(), figures=False)
+        except FewflowError as e:  # killed after its last checkpoint, before DONE was written
+            if "nothing left to train" not in str(e):
+                raise
         secs = time.perf_counter() - t0
         from fewflow._io import atomic_write_text
 

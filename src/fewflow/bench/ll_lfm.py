@@ -43,7 +43,7 @@ SIZES: dict[str, dict[str, Any]] = {
               "depth": 2, "n_eval": 200, "nfes": (2, 4, 8)},
     "quick": {"dataset": "digits", "ae_steps": 500, "fm_steps": 1500, "batch": 256, "ae_width": 16,
               "hidden": 256, "depth": 3, "n_eval": 800, "nfes": (1, 2, 4, 8, 32)},
-    "full": {"dataset": "mnist", "ae_steps": 2000, "fm_steps": 4000, "batch": 256, "ae_width": 16,
+    "full": {"dataset": "mnist", "ae_steps": 1000, "fm_steps": 2000, "batch": 256, "ae_width": 16,
              "hidden": 512, "depth": 3, "n_eval": 2000, "nfes": (1, 2, 4, 8, 32, 100)},
 }
 FEW_NFE = 4  # the "few steps" budget of the first claim
