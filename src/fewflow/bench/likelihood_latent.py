@@ -87,7 +87,7 @@ def run(mode: str = "quick", parts: Sequence[str] = PARTS, *, cache_dir: Path | 
             claims.append({**c, "part": name})
         lines += [*out["lines"], ""]
     wall = time.perf_counter() - t0
-    lines[0] += f", {wall / 60:.1f} min"
+    lines[0] += f"; this run {wall / 60:.1f} min, parts cached by an earlier run are read back"
     lines += ["## Claims", "", format_table(
         ["part", "data", "claim", "met", "value"],
         [[c["part"], c["dataset"], c["claim"], "yes" if c["met"] else "NO", c["value"]] for c in claims],
