@@ -10,7 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fewflow"
 BANDS = [
     {"_validate", "_io", "_progress", "analytic"},
     {"data", "models", "paths", "sources"},
-    {"couplings", "solvers", "guidance", "metrics", "source_pruning", "plotting", "inverse"},
+    {"couplings", "solvers", "guidance", "metrics", "source_pruning", "plotting", "inverse",
+     "interop"},
     {"methods", "objectives"},
     {"train"},
     {"config", "runs", "sampling", "evaluate"},

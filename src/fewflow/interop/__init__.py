@@ -1,0 +1,1 @@
+"""Bridges between fewflow and other libraries (optional dependencies, imported lazily)."""
