@@ -14,7 +14,7 @@ BANDS = [
      "interop"},
     {"methods", "objectives"},
     {"train"},
-    {"config", "runs", "sampling", "evaluate"},
+    {"config", "runs", "sampling", "evaluate", "pretrained"},
     {"bench"},
     {"cli"},
 ]

@@ -512,6 +512,10 @@ def load_run(
     from fewflow.train.checkpoint import load_model
 
     run_dir = Path(run_dir)
+    from fewflow.pretrained import from_pretrained, is_pretrained
+
+    if is_pretrained(run_dir):  # an exported folder (fewflow export): one set of weights, no `which`
+        return from_pretrained(run_dir, device=device)
     cfg = read_run_folder(run_dir)
     try:
         model, _ = load_model(run_dir, which=which, build_model=lambda _m: build_model(cfg),

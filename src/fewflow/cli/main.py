@@ -828,6 +828,11 @@ from fewflow.cli.restore import COMMANDS as _INVERSE_COMMANDS  # noqa: E402
 for _c in _INVERSE_COMMANDS:
     cli.add_command(_c)
 
+from fewflow.cli.export import COMMANDS as _EXPORT_COMMANDS  # noqa: E402
+
+for _c in _EXPORT_COMMANDS:
+    cli.add_command(_c)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``fewflow = fewflow.cli.main:main``)."""
