@@ -183,6 +183,26 @@ def _check_image(x: Any, want: tuple[int, ...], what: str, path: str, expects: s
         )
 
 
+def _solve_and_save(spec: Any, model: Any, meas: Any, scfg: Any, gen: Any, out: str, stem: str, vr: Any,
+                    columns: Any, **kw: Any) -> tuple[Any, Any, float, Path, list[str]]:
+    """Run the solver, refuse non-finite output, write ``<stem>`` images and ``side_by_side.png``
+    (``columns(x)`` names the panels); returns ``(result, x, wall seconds, out folder, files)``."""
+    import torch
+
+    t0 = time.perf_counter()
+    res = spec.solve(model, meas, scfg, generator=gen, **kw)
+    wall = time.perf_counter() - t0
+    x = res.x.detach()
+    if not bool(torch.isfinite(x).all()):
+        raise FewflowError(f"solver {spec.name!r} returned non-finite images; try a smaller step (--set)")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = _save_batch(out_dir, stem, x, vr)
+    _side_by_side(out_dir / "side_by_side.png", columns(x), vr)
+    files.append("side_by_side.png")
+    return res, x, wall, out_dir, files
+
+
 def _solver_config(spec: Any, sets: tuple[str, ...], task: str | None = None) -> Any:
     """The solver's config (its per-task defaults when it has them, e.g. FLAIR's data-term rate for
     super-resolution) with ``--set FIELD=VALUE`` applied (``solver.FIELD`` also accepted)."""
@@ -416,18 +436,12 @@ def restore_cmd(run_dir, task, input_path, truth_path, method, sigma, mask, labe
                            else torch.full((xh.shape[0],), int(cond["y"][0]), dtype=torch.long, device=dev))}
         solve_kw["calibration"] = calibrate(model, xh, bins=100, generator=gen, **hcond)
         calib_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = spec.solve(model, meas, scfg, generator=gen, **cond, **solve_kw)
-    wall = time.perf_counter() - t0
-    x = res.x.detach()
-    if not bool(torch.isfinite(x).all()):
-        raise FewflowError(f"solver {spec.name!r} returned non-finite images; try a smaller step (--set)")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = _save_batch(out_dir, "restored", x, vr)
-    cols = [("measurement", shown), ("restored", x)] + ([("truth", truth)] if truth is not None else [])
-    _side_by_side(out_dir / "side_by_side.png", cols, vr)
-    files.append("side_by_side.png")
+    res, x, wall, out_dir, files = _solve_and_save(
+        spec, model, meas, scfg, gen, out, "restored", vr,
+        lambda x: [("measurement", shown), ("restored", x)] + ([("truth", truth)] if truth is not None
+                                                                else []),
+        **cond, **solve_kw,
+    )
     resid = meas.residual(x)
     floor = float(sigma) * math.sqrt(meas.m)
     report: dict[str, Any] = {
@@ -552,17 +566,10 @@ def edit_cmd(run_dir, input_path, to_class, from_class, method, seed, sets, out,
     tgt = torch.full((b,), int(to_class), dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     meas = Measurement(y=x_in, op=Identity(shape), sigma=0.0)
-    t0 = time.perf_counter()
-    res = spec.solve(model, meas, scfg, generator=gen, y=src, target_cond={"y": tgt})
-    wall = time.perf_counter() - t0
-    x = res.x.detach()
-    if not bool(torch.isfinite(x).all()):
-        raise FewflowError(f"solver {spec.name!r} returned non-finite images; try a smaller step (--set)")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = _save_batch(out_dir, "edited", x, vr)
-    _side_by_side(out_dir / "side_by_side.png", [("input", x_in), (f"edited -> {to_class}", x)], vr)
-    files.append("side_by_side.png")
+    res, x, wall, out_dir, files = _solve_and_save(
+        spec, model, meas, scfg, gen, out, "edited", vr,
+        lambda x: [("input", x_in), (f"edited -> {to_class}", x)], y=src, target_cond={"y": tgt},
+    )
     dist = (x - x_in).flatten(1).pow(2).mean(1)
     report: dict[str, Any] = {
         "run": str(run_dir), "solver": spec.name, "solver_config": _config_dict(scfg), "images": b,
