@@ -277,6 +277,11 @@ def cli(debug: bool) -> None:
 )
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is).")
 @click.option("--no-progress", is_flag=True, help="No tqdm bar.")
+@click.option(
+    "--logger", "logger", type=click.Choice(["tensorboard", "wandb", "both", "none"]), default=None,
+    help="Scalars besides log.csv: TensorBoard (default), Weights & Biases (offline unless "
+    "WANDB_MODE=online; pip install 'fewflow[wandb]'), both, or none.",
+)
 @click.option("--force", is_flag=True, help="Start afresh even if --out already holds a run.")
 def train_cmd(
     data,
@@ -303,6 +308,7 @@ def train_cmd(
     sets,
     threads,
     no_progress,
+    logger,
     force,
 ) -> None:
     """Train a model and write a run folder: config.json, checkpoints, log.csv, samples.png.
@@ -353,6 +359,7 @@ def train_cmd(
         "train.steps": steps,
         "train.batch_size": batch_size,
         "train.lr": lr,
+        "train.logger": logger,
         "train.device": device,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
@@ -414,6 +421,10 @@ def train_cmd(
         from fewflow.runs import check_latent
 
         check_latent(cfg)
+    if cfg.train.get("logger") in ("wandb", "both"):  # a missing package fails before training starts
+        from fewflow.train.loggers import require_wandb
+
+        require_wandb()
     if main_rank:
         _say(f"training {cfg.method_name} on {what} -> {out_dir}")
     result = train_run(cfg, out_dir, resume=resume)

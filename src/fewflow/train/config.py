@@ -11,6 +11,7 @@ from fewflow._validate import FewflowError, unknown_name
 SCHEDULES = ("constant", "cosine", "linear")
 AMP_DTYPES = ("bfloat16", "float16")
 DDP_MODES = ("wrap", "allreduce")
+LOGGERS = ("tensorboard", "wandb", "both", "none")
 #: more optimiser steps than this is a typo, not a plan
 MAX_STEPS = 10**9
 
@@ -51,6 +52,9 @@ class TrainConfig:
     ddp_mode: ``"wrap"`` wraps the model in ``DistributedDataParallel``; ``"allreduce"`` averages gradients
         with one all-reduce per step after backward (works with objectives that call the model several times
         or through ``torch.func``).
+    logger: where scalars go besides ``log.csv`` / ``eval.csv``: ``"tensorboard"`` (``out_dir/tb`` when
+        the package imports), ``"wandb"`` (Weights & Biases, offline unless ``WANDB_MODE=online``; the extra
+        ``fewflow[wandb]``), ``"both"`` or ``"none"``; the same key everywhere (``train/loss``).
     """
 
     steps: int = 1000
@@ -77,6 +81,7 @@ class TrainConfig:
     device: str = "auto"
     ddp_mode: str = "wrap"
     prefetch_workers: int = 1
+    logger: str = "tensorboard"
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -109,6 +114,8 @@ class TrainConfig:
             raise unknown_name("amp dtype", self.amp_dtype, AMP_DTYPES)
         if self.ddp_mode not in DDP_MODES:
             raise unknown_name("ddp mode", self.ddp_mode, DDP_MODES)
+        if self.logger not in LOGGERS:
+            raise unknown_name("logger", self.logger, LOGGERS)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise FewflowError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

@@ -76,7 +76,7 @@ from fewflow.train.checkpoint import (
 )
 from fewflow.train.config import TrainConfig, TrainResult
 from fewflow.train.ema import EMA
-from fewflow.train.loggers import CSVLog, TensorBoardLog
+from fewflow.train.loggers import CSVLog, MetricLogs
 from fewflow.train.schedules import make_scheduler
 
 log = logging.getLogger("fewflow.train")
@@ -267,7 +267,7 @@ class Trainer:
         main = self.dist.is_main and self.out_dir is not None
         self.log_csv = CSVLog(self.out_dir / "log.csv" if main else None)
         self.eval_csv = CSVLog(self.out_dir / "eval.csv" if main else None)
-        self._tb: TensorBoardLog | None = None
+        self._tb: MetricLogs | None = None
         self._diagnostics: dict[str, float] = {}
         if self._default_run_config:
             self.run_config["meta"] = self.record_data()
@@ -454,7 +454,7 @@ class Trainer:
             self.eval_csv.truncate_after(self.step)
         if self.out_dir is not None and self.is_main:
             write_run_config(self.out_dir, self.run_config, self.config)
-            self._tb = TensorBoardLog(self.out_dir / "tb")
+            self._tb = MetricLogs(self.config.logger, self.out_dir, self.out_dir.name, self.run_config)
 
     def _forward(self, batch: dict[str, Any] | CouplingResult) -> Tensor:
         ctx = (
@@ -637,8 +637,9 @@ class Trainer:
             self._stop_pairs()
             if pbar is not None:
                 pbar.close()
-            if self._tb is not None and self._tb.writer is not None:
-                self._tb.writer.flush()
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
         ddp.barrier()
         return self._result(reason)
 
