@@ -11,10 +11,10 @@ BANDS = [
     {"_validate", "_io", "_progress", "analytic"},
     {"data", "models", "paths", "sources"},
     {"couplings", "solvers", "guidance", "metrics", "source_pruning", "plotting", "inverse",
-     "interop"},
+     "interop", "points", "motion"},
     {"methods", "objectives"},
     {"train"},
-    {"config", "runs", "sampling", "evaluate", "pretrained"},
+    {"config", "runs", "sampling", "evaluate", "pretrained", "control"},
     {"bench"},
     {"cli"},
 ]
