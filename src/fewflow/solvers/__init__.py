@@ -62,8 +62,10 @@ __all__ = [
     "boss_schedule",
     "FlowTurboStepper",
     "flowturbo_sample",
+    "FixedGridSampler",
 ]
 
 # method modules last: they build on the names above
 from fewflow.solvers.boss import BossSchedule, bellman_schedule, boss_cost_matrix, boss_schedule
+from fewflow.solvers.fast import FixedGridSampler
 from fewflow.solvers.flowturbo import FlowTurboStepper, flowturbo_sample
