@@ -788,7 +788,7 @@ def demo_cmd(out, quick, digits, steps, n_eval, threads) -> None:
 # --------------------------------------------------------------------------- bench
 
 # every benchmark but ``overhead`` is a module ``fewflow.bench.NAME`` with ``main(argv) -> int``
-BENCHES = ("fewstep", "samplers", "discrete", "inverse", "likelihood_latent")
+BENCHES = ("fewstep", "samplers", "discrete", "inverse", "likelihood_latent", "geometry", "control")
 
 
 @cli.command(
