@@ -852,6 +852,11 @@ from fewflow.cli.control import COMMANDS as _CONTROL_COMMANDS  # noqa: E402
 for _c in _CONTROL_COMMANDS:
     cli.add_command(_c)
 
+from fewflow.cli.motion import COMMANDS as _MOTION_COMMANDS  # noqa: E402
+
+for _c in _MOTION_COMMANDS:
+    cli.add_command(_c)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``fewflow = fewflow.cli.main:main``)."""
