@@ -791,8 +791,8 @@ def train_run(
                                 resume=resume, eval_fn=eval_fn)
     if result is None:  # every stage had finished before
         raise FewflowError(f"{out_dir}: nothing left to train")
-    if result.stopped_reason == "completed" and figures:
-        _figures(out_dir, cfg, data)
+    if result.stopped_reason == "completed" and figures and spec.needs.data != "points":
+        _figures(out_dir, cfg, data)  # a point-cloud method samples from an input cloud: fewflow upsample
     return result
 
 

@@ -857,6 +857,11 @@ from fewflow.cli.motion import COMMANDS as _MOTION_COMMANDS  # noqa: E402
 for _c in _MOTION_COMMANDS:
     cli.add_command(_c)
 
+from fewflow.cli.points import COMMANDS as _POINTS_COMMANDS  # noqa: E402
+
+for _c in _POINTS_COMMANDS:
+    cli.add_command(_c)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``fewflow = fewflow.cli.main:main``)."""

@@ -71,7 +71,8 @@ class Needs:
     ddp_mode: how the trainer averages gradients under torchrun (``"allreduce"`` for losses that call the
         model through ``torch.func``).
     data: the data the method trains on: ``"continuous"`` (vectors and images, the default) or
-        ``"sequence"`` (one-hot sequences ``(N, L, K)`` of a data set with ``meta["kind"] == "sequence"``).
+        ``"sequence"`` (one-hot sequences ``(N, L, K)`` of a data set with ``meta["kind"] == "sequence"``) or
+        ``"points"`` (point clouds ``(N, P, 3)``; samples are drawn from an input cloud, not from noise).
     """
 
     teacher: str = "none"
