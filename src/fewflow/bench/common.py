@@ -53,6 +53,7 @@ __all__ = [
     "Counted",
     "Ledger",
     "NetSpec",
+    "UNetSpec",
     "TOY_SETS",
     "IMAGE_SETS",
     "add_common_args",
@@ -299,10 +300,24 @@ class NetSpec:
     num_frequencies: int = 3
 
 
-def make_net(data: BenchData, spec: NetSpec, flow_map: bool = False) -> nn.Module:
-    """An MLP for ``data`` (class-conditional when the data set has labels)."""
-    from fewflow.models import MLP
+@dataclass(frozen=True)
+class UNetSpec:
+    """A convolutional network family for 28x28 images: ``fewflow.models.UNet`` (``base`` channels times
+    ``mults`` per resolution, no attention by default: CPU budgets), sinusoidal time features."""
 
+    base: int = 16
+    mults: tuple[int, ...] = (1, 2)
+    attention: bool = False
+
+
+def make_net(data: BenchData, spec: NetSpec | UNetSpec, flow_map: bool = False) -> nn.Module:
+    """The benchmark's network for ``data`` (class-conditional when the data set has labels): an MLP, or a
+    UNet for a :class:`UNetSpec`."""
+    from fewflow.models import MLP, UNet
+
+    if isinstance(spec, UNetSpec):
+        return UNet(in_channels=data.shape[0], base=spec.base, mults=spec.mults, size=data.shape[-1],
+                    num_classes=data.num_classes, flow_map=flow_map, attention=spec.attention)
     return MLP(
         data.dim,
         hidden=spec.hidden,
@@ -340,25 +355,31 @@ def budget_steps(budget: float, per_step: float) -> int:
 
 
 def train_teacher(
-    data: BenchData, spec: NetSpec, steps: int, batch_size: int, lr: float, seed: int, cache_dir: Path
+    data: BenchData, spec: NetSpec | UNetSpec, steps: int, batch_size: int, lr: float, seed: int,
+    cache_dir: Path, coupling: str = "independent",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The CFM teacher (the registry's ``cfm`` method: linear path, independent coupling; the data set's
-    source), trained once per (data set, network, steps, batch, lr, seed) and cached as safetensors +
-    JSON under ``cache_dir/<data set>/teacher-<key>/``. Shared by both benchmarks."""
+    """The CFM teacher (the registry's ``cfm`` method: linear path, ``coupling`` ``independent`` or
+    ``ot``, exact minibatch OT; the data set's source), trained once per (data set, network, steps, batch,
+    lr, seed, coupling) and cached as safetensors + JSON under ``cache_dir/<data set>/teacher-<key>/``.
+    Shared by both benchmarks."""
     from fewflow.paths import AffinePath
 
-    key = json_key(
-        {
-            "data": data.name,
-            "net": asdict(spec),
-            "steps": steps,
-            "batch": batch_size,
-            "lr": lr,
-            "seed": seed,
-            "n_train": int(data.train.shape[0]),
-            "v": 1,
-        }
-    )
+    spec_key: dict[str, Any] = asdict(spec)
+    if isinstance(spec, UNetSpec):
+        spec_key = {"unet": spec_key}
+    key_fields: dict[str, Any] = {
+        "data": data.name,
+        "net": spec_key,
+        "steps": steps,
+        "batch": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "n_train": int(data.train.shape[0]),
+        "v": 1,
+    }
+    if coupling != "independent":  # keys of the independent teachers stay as they were
+        key_fields["coupling"] = coupling
+    key = json_key(key_fields)
     folder = Path(cache_dir) / data.name / f"teacher-{key}"
     net = make_net(data, spec)
     if (folder / "meta.json").is_file() and (folder / "model.safetensors").is_file():
@@ -372,8 +393,15 @@ def train_teacher(
     torch.manual_seed(seed)
     net = make_net(data, spec)
     cfm = get_method("cfm")
+    if coupling not in ("independent", "ot"):
+        raise unknown_name("teacher coupling", coupling, ("independent", "ot"))
+    pairing = None
+    if coupling == "ot":
+        from fewflow.couplings import ExactOTCoupling
+
+        pairing = ExactOTCoupling()
     stages = cfm.build(cfm.make_config(), BuildContext(data=data.dataset(), path=AffinePath("linear"),
-                                                       source=data.source, seed=seed))
+                                                       source=data.source, coupling=pairing, seed=seed))
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=0.999, progress=False, log_every=0,
                      ckpt_every=0, device="cpu")
     trained, recs, _ = train_stages(net, stages, data.dataset(), tc, seed_of=lambda k: seed * 100 + k)
@@ -386,6 +414,7 @@ def train_teacher(
         "batch": batch_size,
         "lr": lr,
         "net": asdict(spec),
+        "coupling": coupling,
     }
     save_state(trained, folder / "model.safetensors")
     atomic_write_json(folder / "meta.json", meta)
