@@ -1,11 +1,13 @@
-"""``fewflow demos`` and ``fewflow rollout``: expert demonstrations and closed-loop policy evaluation.
+"""``fewflow demos``, ``fewflow policy train`` and ``fewflow rollout``: expert demonstrations, flow policies
+trained on them, and closed-loop policy evaluation.
 
 ``demos`` runs an environment's scripted expert and writes the demonstrations as ``.npz``
 (:func:`fewflow.control.demos.save_demos`). ``rollout`` loads a trained policy run
 (:func:`fewflow.control.policy.policy_from_run`; ``RUN`` may also be the word ``expert`` for the
 environment's own scripted expert) and runs it closed loop with receding-horizon action chunks
 (:func:`fewflow.control.rollout.rollout`), writing ``metrics.json`` and, with ``--gif N``, a GIF of the
-first N episodes. Both commands are collected in :data:`COMMANDS` for the ``fewflow`` group.
+first N episodes. ``policy train`` trains an action-chunk policy (FM or MP1,
+:func:`fewflow.control.policy.train_policy`). The commands are collected in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -146,4 +148,57 @@ def rollout_cmd(run_dir: str, env_name: str | None, episodes: int, out: str, gif
                f"-> {out_dir / 'metrics.json'}")
 
 
-COMMANDS = [demos_cmd, rollout_cmd]
+@click.group("policy")
+def policy_group() -> None:
+    """Flow policies from expert demonstrations (evaluate them with ``fewflow rollout``)."""
+
+
+@policy_group.command("train")
+@click.argument("demos", type=click.Path(dir_okay=False))
+@click.option("--method", default="mp1", show_default=True,
+              help="cfm (flow-matching policy, sampled with Euler steps) or mp1 (1-NFE MeanFlow policy).")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
+@click.option("--obs-horizon", type=int, default=2, show_default=True, help="Observations the policy sees.")
+@click.option("--act-horizon", type=int, default=8, show_default=True, help="Actions per predicted chunk.")
+@click.option("--steps", type=int, default=3000, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Batch size.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--hidden", type=int, default=256, show_default=True, help="ActionChunkNet width.")
+@click.option("--depth", type=int, default=3, show_default=True, help="ActionChunkNet residual blocks.")
+@click.option("--successful-only", is_flag=True, help="Train on the successful episodes only.")
+@click.option("--set", "sets", multiple=True, metavar="method.FIELD=VALUE",
+              help="A method setting, e.g. --set method.dispersive=infonce_l2.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for init and data order.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is).")
+@click.option("--no-progress", is_flag=True, help="No tqdm bar.")
+def policy_train_cmd(demos: str, method: str, out: str, obs_horizon: int, act_horizon: int, steps: int,
+                     batch_size: int, lr: float, hidden: int, depth: int, successful_only: bool,
+                     sets: tuple[str, ...], seed: int, resume: bool, threads: int | None,
+                     no_progress: bool) -> None:
+    """Train a chunk policy on DEMOS (an .npz written by ``fewflow demos``).
+
+    \b
+    Examples:
+      fewflow demos nav2d --n 100 --out demos.npz
+      fewflow policy train demos.npz --method mp1 --out runs/pol
+      fewflow policy train demos.npz --method mp1 --set method.dispersive=infonce_l2 --out runs/pol_d
+      fewflow policy train demos.npz --method cfm --steps 2000 --out runs/pol_fm
+      fewflow rollout runs/pol --episodes 50 --out eval --gif 2
+    """
+    from fewflow.cli.main import _parse_sets, _say, _threads
+    from fewflow.control.policy import train_policy
+
+    _threads(threads)
+    settings = {}
+    for key, value in _parse_sets(sets).items():
+        if not key.startswith("method."):
+            raise FewflowError(f"--set takes method.FIELD=VALUE here, got {key!r}")
+        settings[key.removeprefix("method.")] = value
+    train_policy(demos, out, method, obs_horizon=obs_horizon, act_horizon=act_horizon, settings=settings,
+                 hidden=hidden, depth=depth, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                 successful_only=successful_only, progress=not no_progress, resume=resume)
+    _say(f"policy run written to {out} (fewflow rollout {out} --out DIR)")
+
+
+COMMANDS = [demos_cmd, rollout_cmd, policy_group]

@@ -164,7 +164,9 @@ def _fit_velocity(v: np.ndarray, margin: float, size: int, n_frames: int, rng: n
     scale = min(1.0, span / max(float(np.abs(travel).max()), 1e-12))
     v = v * scale
     travel = v * (n_frames - 1)
-    c0 = np.array([rng.uniform(max(lo, lo - d), min(hi, hi - d)) for d in travel])
+    # rounding can leave the interval of a full-span travel a few ulps negative: it is then one point
+    bounds = [(max(lo, lo - d), min(hi, hi - d)) for d in travel]
+    c0 = np.array([rng.uniform(a, max(a, b)) for a, b in bounds])
     return c0, v
 
 
