@@ -92,3 +92,30 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     init = worker.Net().state_dict()
     got = load_file(str(tmp_path / "wrap.safetensors"))
     assert not torch.allclose(got["model.net.0.weight"], init["net.0.weight"])
+    _resume_two_process_run_in_one_process(worker, tmp_path)
+
+
+def _resume_two_process_run_in_one_process(worker, tmp_path: Path) -> None:
+    """A checkpoint written by 2 ranks resumes in 1 process (a different world size): it warns that the
+    random streams are reseeded, and, the objective being deterministic per sample and the global batches
+    the same, it ends where the uninterrupted 2-process run ended."""
+    import shutil
+    import warnings
+
+    from fewflow.train import Trainer
+
+    run = tmp_path / "resume1"
+    shutil.copytree(tmp_path / "wrap", run)
+    for step, folder in list_checkpoints(run):
+        if step > 10:
+            shutil.rmtree(folder)
+    (run / "latest").write_text("ckpt-10\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(worker.Net(), worker.objective, worker.data(), worker.config("wrap"), out_dir=run)
+        result = trainer.fit(resume=True)
+    assert result.step == worker.STEPS
+    assert any("resuming with 1" in str(w.message) for w in caught)
+    want = load_file(str(tmp_path / "wrap.safetensors"))
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(v, want[f"model.{k}"], rtol=1e-5, atol=1e-6, msg=k)

@@ -817,15 +817,20 @@ def bench_cmd(which: str, args: tuple[str, ...]) -> None:
     WHICH is ``fewstep`` (every few-step method vs the teacher at NFE 1-8), ``samplers`` (schedules,
     steppers, FlowTurbo, BOSS, pruning, CFG vs RAAG), ``discrete`` (sequences on the simplex, transition
     matching), ``inverse`` (FLAIR, DPS, FlowOpt with a trained prior), ``likelihood_latent`` (latent FM,
-    TARFlow, PFGM++, MLE fine-tuning, SymmFlow, field diagnostics) or ``overhead`` (the loop and loss
-    against bare PyTorch, prefetched OT-CFM). Further options go to the benchmark; ``fewflow bench
-    fewstep -h`` lists them.
+    TARFlow, PFGM++, MLE fine-tuning, SymmFlow, field diagnostics), ``geometry`` (PUFM++, Meta Flow
+    Matching, SCOOP, ReynoldsFlow, FlowVid), ``control`` (MP1/DM1 policies, Action FM, GoalFlow) or
+    ``overhead`` (the loop and loss against bare PyTorch, prefetched OT-CFM; ``--sampling --device cuda``:
+    few-step sampling throughput). Further options go to the benchmark; ``fewflow bench fewstep -h``
+    lists them.
 
     \b
     Examples:
       fewflow bench fewstep --quick
+      fewflow bench fewstep --full --datasets mnist     # after fewflow fetch mnist
       fewflow bench samplers --quick --datasets moons
+      fewflow bench geometry --quick --parts mfm,reynolds
       fewflow bench overhead
+      fewflow bench overhead --sampling --device cuda
     """
     if which == "overhead":
         import runpy
