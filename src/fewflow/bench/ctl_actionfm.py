@@ -107,6 +107,9 @@ def _claims(rows: list[dict[str, Any]], s: dict[str, Any]) -> list[dict[str, Any
     sel = {m: [r for r in rows if r["mode"] == m and r["gains"] in names] for m in MODES}
     pe = {m: _mean(sel[m], "plan_err_after") for m in MODES}
     ct = {m: _mean(sel[m], "cte_after") for m in MODES}
+    # the recovery time itself: steps until the plan-consistency error falls below its tolerance, median
+    # over the trained gain changes and seeds (an episode that never recovers counts its remaining steps)
+    rs = {m: float(np.median([r["adapt_steps"] for r in sel[m]])) if sel[m] else float("nan") for m in MODES}
     ds = "unicycle"
     return [
         {"claim": "after trained gain changes Action FM restores the planned motion faster than no "
@@ -121,6 +124,11 @@ def _claims(rows: list[dict[str, Any]], s: dict[str, Any]) -> list[dict[str, Any
          "dataset": ds, "met": bool(ct["actionfm"] < min(ct["none"], ct["finetune"])),
          "value": f"{ct['actionfm']:.3f} m (Action FM) vs {ct['none']:.3f} (none), "
                   f"{ct['finetune']:.3f} (fine-tuning)"},
+        {"claim": "after trained gain changes Action FM recovers in fewer steps than online fine-tuning "
+                  "(median steps until the plan-consistency error is below 0.03)",
+         "dataset": ds, "met": bool(rs["actionfm"] < rs["finetune"]),
+         "value": f"{rs['actionfm']:.1f} (Action FM) vs {rs['finetune']:.1f} (fine-tuning), "
+                  f"{rs['none']:.1f} (none)"},
     ]
 
 
