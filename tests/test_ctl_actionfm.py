@@ -23,7 +23,7 @@ def test_smoke_part_reports_finite_numbers_and_claims(tmp_path):
         for k in ("plan_err_after", "cte_after", "cte_mean"):
             assert math.isfinite(r[k]) and r[k] >= 0
         assert 0 <= r["reached"] <= r["n_waypoints"] and r["adapt_steps"] >= 0
-    assert len(out["claims"]) == 3
+    assert len(out["claims"]) == 4
     for c in out["claims"]:
         assert set(c) == {"claim", "dataset", "met", "value"}
         assert isinstance(c["met"], bool) and c["dataset"] == "unicycle"
