@@ -19,6 +19,7 @@ from fewflow.objectives.pufm import (
     PUFMLoss,
     PUFMRefineLoss,
     adaptive_schedule,
+    crop_patches,
     make_pairs,
     make_pufm_model,
     manifold_step,
@@ -57,17 +58,45 @@ def test_pairs_are_the_exact_emd_assignment():
         assert torch.allclose(x1a[b][torch.argsort(x1a[b][:, 0])], y[b][torch.argsort(y[b][:, 0])])
 
 
-def test_manifold_step_moves_each_point_eta_toward_its_nearest_reference():
+def test_manifold_step_is_the_point_normalised_gradient_of_the_l1_distance():
     ref = torch.zeros(1, 1, 3)
     x = torch.tensor([[[1.0, 0, 0], [0.5, -0.5, 0], [0.2, 0.3, -0.4]]])
     out = manifold_step(x, ref, 0.01)
-    np.testing.assert_allclose((out - x).norm(dim=-1).numpy(), 0.01, rtol=1e-5)
+    # closed form: per coordinate d, step -eta sign(x_d) / sqrt(#points with x_d != 0)
+    want = x - 0.01 * torch.sign(x) / torch.tensor([math.sqrt(3), math.sqrt(2), 1.0])
+    np.testing.assert_allclose(out.numpy(), want.numpy(), atol=1e-7)
+    # independent: autograd gradient of mean |x - NN(x)|_1, normalised over the points axis per coordinate
+    xr = x.clone().requires_grad_()
+    (xr - ref).abs().mean().backward()
+    g = xr.grad / xr.grad.norm(dim=1, keepdim=True)
+    np.testing.assert_allclose(out.numpy(), (x - 0.01 * g).numpy(), atol=1e-7)
     assert bool((out.norm(dim=-1) < x.norm(dim=-1)).all())
-    # the normalised sign direction of the L1 gradient
-    np.testing.assert_allclose((out - x)[0, 1].numpy(), [-0.01 / math.sqrt(2), 0.01 / math.sqrt(2), 0],
-                               atol=1e-7)
+    # the cloud moves at most eta per coordinate in total (L2 over points)
+    assert bool(((out - x).norm(dim=1) <= 0.01 + 1e-7).all())
     on = manifold_step(ref.clone(), ref, 0.01)
     assert torch.equal(on, ref)
+
+
+def test_spread_points_gives_an_even_cloud():
+    from fewflow.points.datasets import spread_points
+    from fewflow.points.knn import pairwise_distances
+
+    even = surface_clouds(4, 128, seed=2, kinds=("sphere",)).x.double()
+    iid = surface_clouds(4, 128, seed=2, kinds=("sphere",), spread=1).x.double()
+    assert even.shape == iid.shape == (4, 128, 3)
+
+    def nn_gap(x: torch.Tensor) -> torch.Tensor:
+        d = pairwise_distances(x, x) + torch.eye(x.shape[1], dtype=x.dtype) * 1e9
+        return d.min(-1).values.min(-1).values
+
+    # thinning 4x oversampled points by farthest point sampling removes close pairs
+    assert bool((nn_gap(even) > 2 * nn_gap(iid)).all())
+    big = torch.randn(300, 3, generator=_g(3), dtype=torch.float64)
+    before = big.clone()
+    sub = spread_points(big, 40)
+    assert sub.shape == (40, 3) and torch.equal(big, before)
+    # every kept point is one of the inputs
+    assert float((sub[:, None] - big[None]).norm(dim=-1).min(-1).values.max()) == 0.0
 
 
 def test_tiny_training_improves_over_the_untrained_field():
@@ -123,6 +152,40 @@ def test_upsample_shapes_units_and_input_untouched():
     assert batch.shape == (2, 128, 3)
 
 
+def test_crop_patches_are_knn_balls():
+    x = surface_clouds(3, 128, seed=11).x.double()
+    p = crop_patches(x, 32, _g(4))
+    assert p.shape == (3, 32, 3)
+    for b in range(3):
+        inside = {tuple(v) for v in p[b].tolist()}
+        assert len(inside) == 32 and inside <= {tuple(v) for v in x[b].tolist()}
+        out = torch.stack([v for v in x[b] if tuple(v.tolist()) not in inside])
+        # some patch point (the seed) has all patch points nearer than every point outside the patch
+        d_in = torch.cdist(p[b], p[b], compute_mode="donot_use_mm_for_euclid_dist").max(1).values
+        d_out = torch.cdist(p[b], out, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+        assert bool((d_in <= d_out).any())
+    assert torch.equal(crop_patches(x, 128, _g(4)), x)
+
+
+def test_patchwise_upsampling_with_the_zero_field_keeps_interpolated_or_input_points():
+    from fewflow.points.upsample import midpoint_upsample
+
+    model = make_pufm_model(PUFMConfig(width=8, k=4, patch=32), {"shape": [64, 3]}).double()
+    assert int(model.pufm_patch) == 32
+    sparse = surface_clouds(1, 64, seed=12).x[0, :32].double() * 2.0 + 1.0
+    out = pufm_upsample(model, sparse, 4, schedule=2, manifold=0.0)
+    assert out.shape == (128, 3)
+    cand = torch.cat([midpoint_upsample(sparse, 4), sparse])
+    gap = torch.cdist(out, cand, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert float(gap.max()) < 1e-9
+    whole = pufm_upsample(model, sparse, 4, schedule=2, manifold=0.0, patch=0)
+    assert whole.shape == (128, 3)
+    with pytest.raises(FewflowError, match="patch"):
+        PUFMLoss(patch=30)
+    with pytest.raises(FewflowError, match="patch"):
+        pufm_upsample(model, sparse, 4, patch=-1)
+
+
 def test_registered_method_builds_trains_and_records_a_schedule():
     from fewflow.train import TrainConfig, train_stages
 
@@ -140,6 +203,15 @@ def test_registered_method_builds_trains_and_records_a_schedule():
     assert len(sched) == cfg.steps + 1 and sched[0] == 0.0 and sched[-1] == 1.0
     assert all(b > a for a, b in zip(sched, sched[1:]))
     assert run_schedule(model) == pytest.approx(sched)
+    # on patches: the losses see kNN patches, the network remembers the patch size
+    cfg = spec.make_config({"width": 8, "k": 4, "patch": 32})
+    model = spec.make_model(cfg, {"shape": [64, 3]})
+    stages = spec.build(cfg, BuildContext(data=data, path=None, record=rec.__setitem__, seed=0))
+    model, _, _ = train_stages(model, stages, data, TrainConfig(steps=2, batch_size=4, progress=False,
+                                                                 log_every=0, device="cpu"))
+    assert int(model.pufm_patch) == 32
+    out = pufm_upsample(model.eval(), data.x[0, :16], 4, schedule=run_schedule(model))
+    assert out.shape == (64, 3) and torch.isfinite(out).all()
 
 
 def test_error_lines():
@@ -191,3 +263,7 @@ def test_training_step_and_upsampling_on_cuda():
     assert torch.isfinite(out.loss)
     up = pufm_upsample(model, x1[:, :16], 4, schedule=2)
     assert up.device.type == "cuda" and up.shape == (2, 64, 3)
+    out = PUFMLoss(patch=32)(model, x1, generator=torch.Generator(device="cuda").manual_seed(1))
+    assert torch.isfinite(out.loss)
+    up = pufm_upsample(model, x1[:, :16], 4, schedule=2, patch=32)
+    assert up.device.type == "cuda" and up.shape == (2, 64, 3) and torch.isfinite(up).all()

@@ -1,11 +1,13 @@
 """Benchmark part: PUFM++ point-cloud upsampling (x4) on held-out analytic shapes and meshes.
 
 "PUFM++: Point Cloud Upsampling via Enhanced Flow Matching" (Liu, He, Maier, Rupp; arXiv:2512.20988).
-Training clouds are dense samples on random spheres, tori and superquadrics
-(:func:`fewflow.points.datasets.surface_clouds`), plus, when they are cached
+Training clouds are dense Poisson-disk-like samples (``SPREAD`` x oversampled, thinned by farthest point
+sampling, like the Poisson-disk patches of PU1K the authors train on) on random spheres, tori and
+superquadrics (:func:`fewflow.points.datasets.surface_clouds`), plus, when they are cached
 (:func:`fewflow.points.fetch_meshes`), several samples of the ``ant``, ``nut`` and ``sphere`` meshes.
-Held out for the test: other random shapes (another seed) and the ``airplane`` mesh. The sparse input is a
-random quarter of a dense cloud (as in the authors' training); every method outputs 4x as many points.
+Held out for the test: other random shapes (another seed) and the ``airplane`` mesh, sampled the same way.
+The sparse input is a random quarter of a dense cloud (as in the authors' training); every method outputs
+4x as many points.
 
 One network is trained per seed: stage 1 (EMD-aligned flow matching), saved, then stage 2 (one-step
 Chamfer refinement) from it, saved; the adaptive schedule is fitted on the stage-1 field. Rows evaluate:
@@ -32,17 +34,21 @@ from fewflow.bench.common import cached_row, format_table, load_state, save_stat
 __all__ = ["SIZES", "part"]
 
 TITLE = "PUFM++ point-cloud upsampling x4 (arXiv 2512.20988)"
-VERSION = 2
+VERSION = 3
 RATIO = 4
 LR = 2e-3  # stage 1 (the authors' 1e-4 is for batch 32 over 60+ epochs); stage 2 uses a fifth of it
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": {"n_train": 12, "points": 128, "steps1": 8, "steps2": 2, "batch": 4, "n_test": 3, "width": 16,
-              "ref": 1024, "mesh_samples": 0},
+              "ref": 1024, "mesh_samples": 0, "patch": 0},
     "quick": {"n_train": 48, "points": 256, "steps1": 120, "steps2": 30, "batch": 8, "n_test": 9,
-              "width": 32, "ref": 2048, "mesh_samples": 4},
-    "full": {"n_train": 96, "points": 256, "steps1": 600, "steps2": 150, "batch": 8, "n_test": 12,
-             "width": 32, "ref": 4096, "mesh_samples": 8},
+              "width": 32, "ref": 2048, "mesh_samples": 4, "patch": 0},
+    "full": {"n_train": 96, "points": 256, "steps1": 1600, "steps2": 400, "batch": 8, "n_test": 12,
+             "width": 32, "ref": 4096, "mesh_samples": 8, "patch": 0},
 }
+# "patch": dense points per kNN training / sampling patch (0: whole clouds). Whole clouds are used: at
+# 256 points, 64-point patches (16 input points) lost to them in full mode (module docstring of
+# fewflow.objectives.pufm; docs/methods/pufm.md).
+SPREAD = 4  # dense clouds: SPREAD x oversampled, thinned by farthest point sampling (Poisson-disk-like)
 TRAIN_MESHES = ("ant", "nut", "sphere")
 TEST_MESHES = ("airplane",)
 
@@ -56,10 +62,11 @@ def _train_data(s: dict[str, Any], seed: int) -> tuple[Any, list[str]]:
     from fewflow.points import cached_meshes
     from fewflow.points.datasets import mesh_clouds, surface_clouds
 
-    d = surface_clouds(s["n_train"], s["points"], seed=seed)
+    d = surface_clouds(s["n_train"], s["points"], seed=seed, spread=s.get("spread", SPREAD))
     used = [m for m in TRAIN_MESHES if m in cached_meshes()] if s["mesh_samples"] else []
     if used:
-        extra = mesh_clouds(used, s["points"], per_mesh=s["mesh_samples"], seed=seed)
+        extra = mesh_clouds(used, s["points"], per_mesh=s["mesh_samples"], seed=seed,
+                            spread=s.get("spread", SPREAD))
         d.x = torch.cat([d.x, extra])
     return d, used
 
@@ -72,7 +79,7 @@ def _models(cache: Path, s: dict[str, Any], seed: int, verbose: bool) -> tuple[A
     from fewflow.objectives.pufm import PUFMConfig, PUFMLoss, PUFMRefineLoss, fit_schedule, make_pufm_model
     from fewflow.train import TrainConfig, train_stages
 
-    cfg = PUFMConfig(width=s["width"])
+    cfg = PUFMConfig(width=s["width"], patch=s["patch"])
     root = cache / f"seed{seed}"
     meta = {"shape": [s["points"], 3]}
     m1, m2 = make_pufm_model(cfg, meta), make_pufm_model(cfg, meta)
@@ -86,14 +93,15 @@ def _models(cache: Path, s: dict[str, Any], seed: int, verbose: bool) -> tuple[A
     tc = dict(batch_size=s["batch"], lr=LR, progress=False, log_every=0, ema_decay=0.99, device="cpu",
               seed=seed)
     t0 = time.perf_counter()
-    m1, _, _ = train_stages(m1, [Stage("pufm_fm", PUFMLoss(RATIO, cfg.noise))], data,
+    m1, _, _ = train_stages(m1, [Stage("pufm_fm", PUFMLoss(RATIO, cfg.noise, patch=cfg.patch))], data,
                             TrainConfig(steps=s["steps1"], **tc))
     t1 = time.perf_counter() - t0
     m1.eval()
-    sched = fit_schedule(m1, data.x[:16], RATIO, cfg.steps, generator=torch.Generator().manual_seed(seed))
+    sched = fit_schedule(m1, data.x[:16], RATIO, cfg.steps, generator=torch.Generator().manual_seed(seed),
+                         patch=cfg.patch)
     m2.load_state_dict(m1.state_dict())
     t0 = time.perf_counter()
-    m2, _, _ = train_stages(m2, [Stage("pufm_refine", PUFMRefineLoss(RATIO, cfg.noise))], data,
+    m2, _, _ = train_stages(m2, [Stage("pufm_refine", PUFMRefineLoss(RATIO, cfg.noise, cfg.patch))], data,
                             TrainConfig(steps=s["steps2"], **{**tc, "lr": LR * cfg.refine_lr_scale}))
     t2 = time.perf_counter() - t0
     m2.eval()
@@ -111,11 +119,12 @@ def _models(cache: Path, s: dict[str, Any], seed: int, verbose: bool) -> tuple[A
 def _test_sets(s: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     """Held-out shapes: dense clouds, references 16x denser, sparse inputs, and exact surfaces."""
     from fewflow.points import cached_meshes, load_mesh, normalize_cloud, sample_mesh
-    from fewflow.points.datasets import random_surfaces
+    from fewflow.points.datasets import random_surfaces, spread_points
 
+    sp = s.get("spread", SPREAD)
     g = torch.Generator().manual_seed(10_000 + seed)
     shapes = random_surfaces(s["n_test"], seed=1000 + seed)
-    dense = [sh.sample(s["points"], g, torch.float64) for sh in shapes]
+    dense = [spread_points(sh.sample(s["points"] * sp, g, torch.float64), s["points"]) for sh in shapes]
     ref = [sh.sample(s["ref"], g, torch.float64) for sh in shapes]
     sets = [{"dataset": "surfaces", "dense": dense, "ref": ref, "shapes": shapes}]
     meshes = [m for m in TEST_MESHES if m in cached_meshes()] if s["mesh_samples"] else []
@@ -126,7 +135,8 @@ def _test_sets(s: dict[str, Any], seed: int) -> list[dict[str, Any]]:
             big = sample_mesh(v, f, s["ref"], seed=5000 + seed + i, dtype=torch.float64)
             _, c, sc = normalize_cloud(big)
             for j in range(3):
-                x = sample_mesh(v, f, s["points"], seed=6000 + 10 * i + j, dtype=torch.float64)
+                x = sample_mesh(v, f, s["points"] * sp, seed=6000 + 10 * i + j, dtype=torch.float64)
+                x = spread_points(x, s["points"])
                 dense.append((x - c) / sc)
                 ref.append((big - c) / sc)
         sets.append({"dataset": "meshes", "dense": dense, "ref": ref, "shapes": None})

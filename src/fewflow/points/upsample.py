@@ -30,10 +30,14 @@ def farthest_point_sample(x: Tensor, m: int, start: int | Tensor | None = 0) -> 
            .expand(b).clone())
     dist = torch.full((b, n), float("inf"), device=x.device, dtype=x.dtype)
     rows = torch.arange(b, device=x.device)
+    cols = [xd[..., j] for j in range(xd.shape[-1])]  # per-coordinate planes: no reduction over a short axis
     for i in range(m):
         idx[:, i] = cur
-        d = (xd - xd[rows, cur].unsqueeze(1)).square().sum(-1)
-        dist = torch.minimum(dist, d)
+        c = xd[rows, cur]
+        d = (cols[0] - c[:, :1]).square_()
+        for j in range(1, len(cols)):
+            d.add_((cols[j] - c[:, j:j + 1]).square_())
+        torch.minimum(dist, d, out=dist)
         cur = dist.argmax(1)
     return idx
 
