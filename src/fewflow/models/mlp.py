@@ -14,10 +14,11 @@ from fewflow.models.embeddings import Conditioning, default_time_scale, parse_ti
 
 
 class _ResBlock(nn.Module):
-    """``h + W2 SiLU(W1 (LN(h) (1 + a(c)) + b(c)))``: pre-norm residual block with FiLM conditioning
-    (Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer")."""
+    """``h + W2 act(W1 (LN(h) (1 + a(c)) + b(c)))``: pre-norm residual block with FiLM conditioning
+    (Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer"); ``act`` is SiLU, or Mish
+    for the action-chunk policy head (as in the diffusion-policy literature)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, activation: str = "silu") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.film = nn.Linear(width, 2 * width)
@@ -25,11 +26,12 @@ class _ResBlock(nn.Module):
         self.fc2 = nn.Linear(width, width)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
+        self.act = {"silu": torch.nn.functional.silu, "mish": torch.nn.functional.mish}[activation]
 
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         a, b = self.film(c).chunk(2, dim=-1)
         z = self.norm(h) * (1 + a) + b
-        return h + self.fc2(torch.nn.functional.silu(self.fc1(z)))
+        return h + self.fc2(self.act(self.fc1(z)))
 
 
 class MLP(nn.Module):

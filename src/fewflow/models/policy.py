@@ -34,25 +34,9 @@ from torch import Tensor, nn
 from fewflow._validate import FewflowError, check_batch
 from fewflow.models._dtype import param_dtype_inputs
 from fewflow.models.embeddings import Conditioning, default_time_scale, parse_times
+from fewflow.models.mlp import _ResBlock
 
 __all__ = ["ActionChunkNet"]
-
-
-class _FiLMBlock(nn.Module):
-    """``h + W2 Mish(W1 (LN(h) (1 + a(e)) + b(e)))`` with a zero-initialised FiLM map."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.film = nn.Linear(width, 2 * width)
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
-
-    def forward(self, h: Tensor, e: Tensor) -> Tensor:
-        a, b = self.film(e).chunk(2, dim=-1)
-        return h + self.fc2(nn.functional.mish(self.fc1(self.norm(h) * (1 + a) + b)))
 
 
 def _size(shape: Sequence[int] | int, what: str) -> int:
@@ -115,7 +99,7 @@ class ActionChunkNet(nn.Module):
         self.cond = Conditioning(hidden, time_features, scale, None, bool(flow_map),
                                  num_frequencies=num_frequencies, cond_dim=cond_dim)
         self.inp = nn.Linear(self.dim, hidden)
-        self.blocks = nn.ModuleList(_FiLMBlock(hidden) for _ in range(depth))
+        self.blocks = nn.ModuleList(_ResBlock(hidden, activation="mish") for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, self.dim)
         nn.init.normal_(self.out.weight, std=1.0 / math.sqrt(hidden))
