@@ -42,7 +42,7 @@ def test_action_pairs_follow_the_closed_form():
 def test_learned_correction_reduces_one_step_prediction_error():
     """Tiny flow on one gain change: executing flow(a_plan) under the changed actuators lands much closer
     to the nominal model's prediction of a_plan than executing a_plan itself."""
-    flow = train_action_flow(action_pairs(3000, [GAINS], seed=0), steps=400, hidden=32, depth=2, lr=3e-3)
+    flow = train_action_flow(action_pairs(3000, [GAINS], seed=0), steps=800, hidden=32, depth=2, lr=3e-3)
     rng = np.random.default_rng(5)
     n = 200
     s = np.column_stack([rng.normal(size=(n, 2)), rng.uniform(-3, 3, n)])

@@ -343,3 +343,18 @@ def test_ot_cfm_and_w_cfm_learn_straighter_paths_than_independent_cfm():
         assert sw < 0.5 * sw_i, (name, results)  # measured: 0.28-0.30 vs 0.86
         assert sw20 < 1.5 * sw20_i, (name, results)  # many-step samples stay on target (0.25-0.28 vs 0.27)
     assert sw20_i < 0.5, results  # the independent baseline itself learned the target (measured 0.27)
+
+
+def test_l1_norm_is_the_mean_absolute_error_and_bad_norms_are_refused():
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    x1 = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    out = CFMLoss(AffinePath("linear"), norm="l1").pair_loss(Zero(), x0, x1)
+    # the linear path's target is x1 - x0 whatever t is, so the zero field's errors are known exactly
+    assert torch.allclose(out.loss, (x1 - x0).abs().mean())
+    assert abs(out.diagnostics["mse"] - float((x1 - x0).pow(2).mean())) < 1e-5
+    with pytest.raises(FewflowError, match="norm"):
+        CFMLoss(AffinePath("linear"), norm="huber")

@@ -32,7 +32,7 @@ from fewflow.bench.common import cached_row, format_table
 __all__ = ["CLAIM_SET", "SIZES", "TRAINED", "part"]
 
 TITLE = "Action Flow Matching: unicycle figure-8 with actuator gain switches (arXiv 2504.18471)"
-VERSION = 2
+VERSION = 3
 # the positive-gain changes of the claims, and the trained sign flip
 CLAIM_SET: list[tuple[float, float]] = [(2.0, 1.0), (1.0, 2.5), (1.6, 1.8), (2.5, 2.5), (1.3, 3.0)]
 TRAINED: list[tuple[float, float]] = [*CLAIM_SET, (1.0, -1.0)]

@@ -32,7 +32,7 @@ from fewflow.bench.common import cached_row, format_table
 __all__ = ["SIZES", "part"]
 
 TITLE = "GoalFlow: goal-driven 1-step plans on nav2d (arXiv 2503.05689)"
-VERSION = 1
+VERSION = 2
 ENV_KW = {"n_corridors": 2}
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": {"train_eps": 30, "test_eps": 6, "steps": 100, "hidden": 32, "depth": 2, "vocab": 16, "k": 4,

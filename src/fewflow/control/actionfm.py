@@ -166,12 +166,13 @@ def train_action_flow(
     data: dict[str, np.ndarray], *, steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
     hidden: int = 64, depth: int = 3, seed: int = 0, device: str | torch.device = "cpu",
 ) -> ActionFlow:
-    """Train the Action FM field on :func:`action_pairs` data with fewflow's CFM loss on fixed pairs
-    (``CFMLoss.pair_loss`` with ``x0 = a_plan``, ``x1 = a_int``, condition ``c``; linear path, uniform t)
-    and Adam. Returns an :class:`ActionFlow` (10 midpoint steps)."""
+    """Train the Action FM field on :func:`action_pairs` data with fewflow's trainer and CFM loss on fixed
+    pairs (``x0 = a_plan``, ``x1 = a_int``, condition ``c``; linear path, uniform t), Adam (AdamW without
+    decay) and a cosine learning rate. Returns an :class:`ActionFlow` (10 midpoint steps)."""
     from fewflow.models import MLP
     from fewflow.objectives.cfm import CFMLoss
     from fewflow.paths import AffinePath
+    from fewflow.train import TrainConfig, Trainer
 
     for k in ("plan", "intended", "c"):
         if k not in data:
@@ -188,20 +189,18 @@ def train_action_flow(
         if not torch.isfinite(t).all():
             raise FewflowError(f"Action FM data {name!r} contains NaN or inf")
     torch.manual_seed(seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
     model = MLP(2, hidden=hidden, depth=depth, cond_dim=CONTEXT_DIM).to(device)
-    loss_fn = CFMLoss(AffinePath("linear"))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    n = x0.shape[0]
-    bs = min(batch_size, n)
-    for _ in range(steps):
-        idx = torch.randint(0, n, (bs,), generator=gen, device=device)
-        out = loss_fn.pair_loss(model, x0[idx], x1[idx], generator=gen, c=c[idx])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        sched.step()
+    n, bs = x0.shape[0], min(batch_size, x0.shape[0])
+
+    def pairs() -> Any:  # fixed (planned, intended) pairs with their context, drawn with replacement
+        gen = torch.Generator(device=device).manual_seed(seed)
+        while True:
+            idx = torch.randint(0, n, (bs,), generator=gen, device=device)
+            yield {"x1": x1[idx], "x0": x0[idx], "c": c[idx]}
+
+    tc = TrainConfig(steps=steps, batch_size=bs, lr=lr, lr_schedule="cosine", grad_clip=None, ema_decay=None,
+                     progress=False, log_every=0, ckpt_every=0, seed=seed, device=str(device))
+    Trainer(model, CFMLoss(AffinePath("linear")), pairs(), tc).fit()
     model.eval()
     return ActionFlow(model)
 

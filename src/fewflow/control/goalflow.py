@@ -163,25 +163,21 @@ class GoalFlowConfig:
     scale: float = 0.5
 
 
-def _train_flow(model: nn.Module, x1: Tensor, c: Tensor, cfg: GoalFlowConfig, gen: torch.Generator) -> None:
-    """GoalFlow's FM loss (L1 on ``x1 - x0``, source ``N(0, noise^2)``) with condition dropout."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
-    n = x1.shape[0]
-    bs = min(cfg.batch_size, n)
-    for _ in range(cfg.steps):
-        idx = torch.randint(0, n, (bs,), generator=gen)
-        xb, cb = x1[idx], c[idx]
-        x0 = cfg.noise * torch.randn(xb.shape, generator=gen)
-        t = torch.rand(bs, generator=gen)
-        xt = t[:, None] * xb + (1 - t[:, None]) * x0
-        keep = torch.rand(bs, generator=gen) >= cfg.cond_dropout
-        pred = model(xt, t, c=cb, c_mask=keep)
-        loss = (pred - (xb - x0)).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+def _train_flow(model: nn.Module, x1: Tensor, c: Tensor, cfg: GoalFlowConfig, seed: int) -> None:
+    """GoalFlow's FM loss through fewflow's trainer: ``CFMLoss`` with the L1 norm on ``x1 - x0``, source
+    ``N(0, noise^2 I)`` and condition dropout (the null condition); Adam (AdamW without decay), cosine
+    learning rate, no EMA."""
+    from fewflow.objectives.cfm import CFMLoss
+    from fewflow.paths import AffinePath
+    from fewflow.sources import GaussianSource
+    from fewflow.train import TrainConfig, Trainer
+
+    loss = CFMLoss(AffinePath("linear"), source=GaussianSource((x1.shape[1],), scale=cfg.noise),
+                   label_dropout=cfg.cond_dropout, norm="l1")
+    tc = TrainConfig(steps=cfg.steps, batch_size=min(cfg.batch_size, x1.shape[0]), lr=cfg.lr,
+                     lr_schedule="cosine", grad_clip=None, ema_decay=None, progress=False,
+                     log_every=0, ckpt_every=0, seed=seed, device="cpu")
+    Trainer(model, loss, {"x": x1, "c": c}, tc).fit()
     model.eval()
 
 
@@ -299,7 +295,7 @@ def fit_goalflow(env: Any, pos: np.ndarray, plans: np.ndarray, cfg: GoalFlowConf
     x1 = torch.as_tensor((plans - pos[:, None]) / cfg.scale, dtype=torch.float32).reshape(n, -1)
     goal_rel = torch.as_tensor((ends - pos) / cfg.scale, dtype=torch.float32)
     flow = MLP(2 * horizon, hidden=cfg.hidden, depth=cfg.depth, cond_dim=4)
-    _train_flow(flow, x1, torch.cat([P, goal_rel], 1), cfg, gen)
+    _train_flow(flow, x1, torch.cat([P, goal_rel], 1), cfg, seed)
     plain = MLP(2 * horizon, hidden=cfg.hidden, depth=cfg.depth, cond_dim=2)
-    _train_flow(plain, x1, P, cfg, gen)
+    _train_flow(plain, x1, P, cfg, seed + 1)
     return GoalFlow(env, cfg, horizon, vocab, dac, scorer, flow, plain)

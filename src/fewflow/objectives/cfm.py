@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError, check_batch, check_finite, check_same_shape, expand_like
+from fewflow._validate import (
+    FewflowError,
+    check_batch,
+    check_finite,
+    check_same_shape,
+    expand_like,
+    unknown_name,
+)
 from fewflow.couplings import Coupling, CouplingResult, IndependentCoupling, brownian_bridge_noise
 from fewflow.couplings.base import randn_like
 from fewflow.methods.registry import BuildContext, MethodSpec, Stage, register
@@ -53,10 +60,12 @@ class CFMLoss:
         sigma_path_noise: Brownian-bridge noise level sigma (``x_t += sigma sqrt(t(1-t)) z``). ``None``: use
             ``coupling.path_noise(t)`` if the coupling has one (``SchrodingerBridgeCoupling``), else none.
             ``0.0`` disables the coupling's noise.
+        norm: ``"l2"`` (the squared error, the default) or ``"l1"`` (the absolute error, as GoalFlow trains
+            its trajectory flow; it regresses the conditional median rather than the mean).
 
-    The per-sample loss is the mean squared error over all non-batch dimensions; the batch loss is the
-    mean of ``lambda(t_i) w_i mse_i`` (coupling weights have mean 1). Diagnostics: ``loss``, ``mse``
-    (unweighted), ``t_mean``, and the coupling's (``cost_independent``, ``cost_coupled``,
+    The per-sample loss is the mean squared (or absolute) error over all non-batch dimensions; the batch
+    loss is the mean of ``lambda(t_i) w_i err_i`` (coupling weights have mean 1). Diagnostics: ``loss``,
+    ``mse`` (unweighted), ``t_mean``, and the coupling's (``cost_independent``, ``cost_coupled``,
     ``ot_cost_ratio`` = coupled / independent mean squared pair distance, ``ess`` / ``ess_fraction``
     for W-CFM).
 
@@ -74,7 +83,10 @@ class CFMLoss:
         label_dropout: float = 0.0,
         num_classes: int | None = None,
         sigma_path_noise: float | None = None,
+        norm: str = "l2",
     ) -> None:
+        if norm not in ("l2", "l1"):
+            raise unknown_name("CFM loss norm", norm, ("l2", "l1"))
         if not hasattr(path, "sample"):
             raise FewflowError(f"path needs .sample(x0, x1, t) (e.g. AffinePath), got {type(path).__name__}")
         if not (0.0 <= label_dropout <= 1.0):
@@ -94,6 +106,7 @@ class CFMLoss:
         self.label_dropout = float(label_dropout)
         self.num_classes = num_classes
         self.sigma_path_noise = sigma_path_noise
+        self.norm = norm
 
     # -- pieces -----------------------------------------------------------------------------------------
     def _path_noise(self, t: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -189,7 +202,9 @@ class CFMLoss:
         if not torch.is_tensor(pred) or pred.shape != x1.shape:
             shape = tuple(pred.shape) if torch.is_tensor(pred) else type(pred).__name__
             raise FewflowError(f"model output has shape {shape}, expected the shape of x {tuple(x1.shape)}")
-        per = (pred - target.detach()).pow(2).reshape(b, -1).mean(1)
+        err = (pred - target.detach()).reshape(b, -1)
+        sq = err.pow(2).mean(1)
+        per = sq if self.norm == "l2" else err.abs().mean(1)
         w = torch.ones_like(per)
         if weights is not None:
             w = w * weights.detach().to(per.dtype)
@@ -201,7 +216,7 @@ class CFMLoss:
         loss = (w * per).mean()
         diag: dict[str, float] = {
             "loss": float(loss.detach()),
-            "mse": float(per.detach().mean()),
+            "mse": float(sq.detach().mean()),
             "t_mean": float(t.mean()),
         }
         if extra_diagnostics:
@@ -230,12 +245,13 @@ class CFMConfig:
     sigma_path_noise: float | None = field(
         default=None, metadata={"help": "std of Gaussian noise around the path (I-CFM); null: the coupling's"}
     )
+    norm: str = field(default="l2", metadata={"help": "per-sample error: l2 (squared, default) or l1"})
 
 
 def _build_cfm(cfg: CFMConfig, ctx: BuildContext) -> list[Stage]:
     loss = CFMLoss(
         ctx.path, source=ctx.source, coupling=ctx.coupling, time_sampler=ctx.time_sampler,
-        sigma_path_noise=cfg.sigma_path_noise, **ctx.conditioning(),
+        sigma_path_noise=cfg.sigma_path_noise, norm=cfg.norm, **ctx.conditioning(),
     )
     return [Stage("cfm", loss)]
 
