@@ -10,12 +10,17 @@ from fewflow._validate import FewflowError, check_finite
 _CHUNK = 2048
 
 
-def _check_cloud(name: str, x: Tensor, batched: bool | None = None) -> None:
+def _check_cloud(name: str, x: Tensor, batched: bool | None = None, dim: int | None = None) -> None:
+    """One clear error for anything but a finite floating-point point cloud: ``(N, D)`` or ``(B, N, D)``
+    (``batched`` True / False forces one of them), with ``D == dim`` when ``dim`` is given."""
     if not torch.is_tensor(x):
         raise FewflowError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() not in (2, 3) or (batched is True and x.dim() != 3) or (batched is False and x.dim() != 2):
-        want = "(B, N, D)" if batched else "(N, D) or (B, N, D)"
-        raise FewflowError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    bad_dim = dim is not None and (x.dim() < 1 or x.shape[-1] != dim)
+    if x.dim() not in (2, 3) or (batched is True and x.dim() != 3) or (batched is False and x.dim() != 2) \
+            or bad_dim:
+        d = "D" if dim is None else str(dim)
+        want = {True: f"(B, N, {d})", False: f"(N, {d})", None: f"(N, {d}) or (B, N, {d})"}[batched]
+        raise FewflowError(f"{name} must be a point cloud of shape {want}, got {tuple(x.shape)}")
     if x.shape[-2] == 0:
         raise FewflowError(f"{name} is an empty point cloud (shape {tuple(x.shape)})")
     if not x.is_floating_point():

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fewflow._validate import FewflowError, check_finite
+from fewflow._validate import FewflowError
+from fewflow.points.knn import _check_cloud as check_cloud
 
 __all__ = [
     "ACC_RELAX",
@@ -84,17 +85,9 @@ SHAPE_NAMES = ("sphere", "torus", "superquadric")
 
 
 def _check_cloud(name: str, x: Tensor, batched: bool = True) -> None:
-    if not torch.is_tensor(x):
-        raise FewflowError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    want = 3 if batched else 2
-    if x.dim() != want or x.shape[-1] != 3:
-        form = "(B, N, 3)" if batched else "(N, 3)"
-        raise FewflowError(f"{name} must be a point cloud of shape {form}, got {tuple(x.shape)}")
-    if x.shape[-2] == 0:
-        raise FewflowError(f"{name} is empty (0 points)")
-    if not x.is_floating_point():
-        raise FewflowError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    check_finite(name, x)
+    """A 3-D point cloud, batched ``(B, N, 3)`` unless ``batched`` is False (:func:`fewflow.points.knn.
+    _check_cloud`)."""
+    check_cloud(name, x, batched=batched, dim=3)
 
 
 def nearest_index(a: Tensor, b: Tensor) -> Tensor:
