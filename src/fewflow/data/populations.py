@@ -415,7 +415,10 @@ def read_h5ad_cells(path: str | Path, obsm: str = "X_pca", columns: Sequence[str
     categories in ``uns/<col>_categories``, as in scanpy's bundled file) and the current one (groups, a
     categorical column as ``obs/<col>/{codes, categories}``).
     """
-    import h5py
+    try:
+        import h5py
+    except ImportError:
+        raise FewflowError("reading .h5ad files needs h5py: pip install 'fewflow[populations]'") from None
 
     path = Path(path)
     if not path.exists():
