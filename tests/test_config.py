@@ -120,7 +120,7 @@ def test_method_section_is_filled_with_the_method_defaults():
     assert cfg.method["ratio"] == 0.25 and cfg.method["adaptive_p"] == 1.0
     # switching the method drops the previous method's fields
     back = cfg.replace({"method.name": "cfm"})
-    assert back.method == {"name": "cfm", "sigma_path_noise": None}
+    assert back.method == {"name": "cfm", "sigma_path_noise": None, "norm": "l2"}
     # a variant's fixed field cannot be set to something else
     with pytest.raises(FewflowError, match="fixes ratio"):
         default_config("moons").replace({"method.name": "meanflow_ratio0", "method.ratio": 0.5})
