@@ -164,7 +164,8 @@ class FewstepConfig:
         if self.methods:
             from fewflow.methods import list_methods
 
-            known = [s.name for s in list_methods(family="fewstep")]
+            # the few-step family, and BOSS refinement (a teacher fine-tuned for its own optimal grids)
+            known = [s.name for s in list_methods(family="fewstep")] + ["boss_refine"]
             for m in self.methods:
                 if m not in known:
                     raise unknown_name("few-step method", m, known)
@@ -206,13 +207,16 @@ def bench_method_config(spec: MethodSpec, p: Preset) -> Any:
     return spec.make_config(values)
 
 
-def run_config_for(spec: MethodSpec, mcfg: Any, data: BenchData) -> Any:
+def run_config_for(
+    spec: MethodSpec, mcfg: Any, data: BenchData, recorded: dict[str, Any] | None = None
+) -> Any:
     """A :class:`~fewflow.config.RunConfig` describing a trained benchmark model, for
-    :func:`fewflow.sampling.generate`."""
+    :func:`fewflow.sampling.generate`; ``recorded``: what the method's build recorded for its sampler
+    (BOSS refinement's fitted grids)."""
     from fewflow.config import DataSpec, ObjectiveSpec, RunConfig
 
     meta = {"shape": list(data.shape), "num_classes": data.num_classes,
-            "conditional": data.num_classes is not None}
+            "conditional": data.num_classes is not None, **(recorded or {})}
     cfg = RunConfig(data=DataSpec(name=data.name), method={"name": spec.name, **asdict(mcfg)},
                     objective=ObjectiveSpec(conditional=data.num_classes is not None), meta=meta)
     cfg.validate()
@@ -272,11 +276,12 @@ def _probe(st: Any, data: BenchData, batch: int) -> tuple[torch.Tensor, dict[str
 
 def train_method(
     spec: MethodSpec, data: BenchData, teacher: torch.nn.Module, teacher_key: str, p: Preset, cache: Path,
-    seed: int, method_key: str,
+    seed: int, method_key: str, recorded: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Any, Ledger, list[dict[str, Any]], float]:
     """Train one registered method at the benchmark's budget: its stages (from ``spec.build``) share the
     budget left after its teacher pairs, each stage's optimiser steps are its budget over the measured cost
-    of one step. Returns ``(trained network, method config, ledger, stage records, pair wall time)``."""
+    of one step. Returns ``(trained network, method config, ledger, stage records, pair wall time)``; what
+    the build records for sampling (``ctx.record``) goes into ``recorded``."""
     from fewflow.methods import BuildContext
     from fewflow.objectives.mfrae import init_from_teacher
     from fewflow.paths import AffinePath
@@ -289,6 +294,7 @@ def train_method(
         data=data.dataset(), path=AffinePath("linear"), source=data.source, num_classes=data.num_classes,
         teacher=Counted(teacher, ledger, "teacher") if spec.needs.teacher != "none" else None,
         pairs=pairs, work_dir=cache, seed=seed,
+        record=(lambda k, v: recorded.__setitem__(k, v)) if recorded is not None else (lambda k, v: None),
     )
     torch.manual_seed(seed + 7)
     net = make_net(data, p.net, flow_map=spec.flow_map)
@@ -420,11 +426,12 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
         try:
             # a fresh copy per method: the 8-gaussians source of moons is stateful (epoch permutations), so
             # sharing it would make a method's result depend on which methods ran before it
+            recorded: dict[str, Any] = {}
             net, mcfg, ledger, records, pair_wall = train_method(
-                spec, copy.deepcopy(data), teacher, tkey, p, folder, cfg.seed, key
+                spec, copy.deepcopy(data), teacher, tkey, p, folder, cfg.seed, key, recorded
             )
             train_wall = time.perf_counter() - t0 + pair_wall
-            metrics = evaluate(net, run_config_for(spec, mcfg, data), data, cfg.nfe)
+            metrics = evaluate(net, run_config_for(spec, mcfg, data, recorded), data, cfg.nfe)
             res = {
                 "method": m,
                 "label": spec.label,
@@ -437,6 +444,7 @@ def run_dataset(cfg: FewstepConfig, name: str) -> dict[str, Any]:
                 "ledger": dict(ledger.by_kind),
                 "train_wall_s": train_wall,
                 "metrics": metrics,
+                "recorded": recorded,
                 "error": None,
             }
             save_state(net, mdir / "model.safetensors")
