@@ -98,6 +98,7 @@ class Preset:
     pair_steps: int  # Heun steps of the teacher ODE for pairs (2 NFE each)
     teacher_ref_steps: int = 100
     teacher_coupling: str = "independent"  # "ot": exact minibatch OT-CFM teacher
+    boss_ref: int = 0  # BOSS refinement's reference trajectories (0: the method's default)
 
     @property
     def budget(self) -> float:
@@ -124,7 +125,8 @@ PRESETS: dict[str, dict[str, Preset]] = {
     "full": {
         "toy": Preset(50_000, 10_000, NetSpec(128, 3), 512, 1e-3, 5000, 4500, 20_000, 25),
         "image": Preset(0, 2000, NetSpec(256, 3), 256, 1e-3, 5000, 3000, 10_000, 25),
-        "mnist": Preset(0, 1000, _MNIST_NET, 64, 2e-3, 3000, 1000, 3000, 8, teacher_coupling="ot"),
+        "mnist": Preset(0, 1000, _MNIST_NET, 64, 2e-3, 3000, 1000, 3000, 8, teacher_coupling="ot",
+                        boss_ref=300),
     },
 }
 
@@ -204,6 +206,8 @@ def bench_method_config(spec: MethodSpec, p: Preset) -> Any:
     values = dict(spec.small_scale_values())
     if spec.needs.pairs:
         values.update(n_pairs=p.n_pairs, pair_steps=p.pair_steps)
+    if spec.name == "boss_refine" and p.boss_ref:
+        values.update(n_ref=p.boss_ref)
     return spec.make_config(values)
 
 
@@ -302,11 +306,13 @@ def train_method(
         init_from_teacher(net, teacher, zero=("cond.h_embed.mlp.2",) if spec.flow_map else ())
     student = Counted(net, ledger, "student")
     stages = spec.build(mcfg, ctx)
+    build_cost = ledger.evals  # teacher calls of the build itself (BOSS's reference trajectories)
     pair_sets = sum(st.pair_sets for st in stages)
     pair_cost = pair_sets * mcfg.n_pairs * 2 * mcfg.pair_steps if spec.needs.pairs else 0
-    train_budget = p.budget - pair_cost
+    train_budget = p.budget - pair_cost - build_cost
     if train_budget <= 0:
-        raise FewflowError(f"budget {p.budget:g} cannot pay for the teacher pairs ({pair_cost:g})")
+        raise FewflowError(f"budget {p.budget:g} cannot pay for the teacher pairs ({pair_cost:g}) and the "
+                           f"teacher calls of the build ({build_cost:g})")
     costs: list[float] = []
 
     def steps_of(st: Any, k: int, batch: int, _data: Any) -> int:
@@ -473,6 +479,7 @@ def _preset_key(p: Preset) -> dict[str, Any]:
     out = asdict(p)
     if out["teacher_coupling"] == "independent":  # keys of the earlier presets stay as they were
         del out["teacher_coupling"]
+    del out["boss_ref"]  # it reaches BOSS refinement's own config, which is part of the key
     return out
 
 
